@@ -15,3 +15,15 @@ DEFAULT_CREDIT_TTL_SECONDS = 604_800
 def is_safe_int(value: object) -> bool:
     """True when ``value`` is an ``int`` (not ``bool``) in ``[0, MAX_SAFE_INTEGER]``."""
     return type(value) is int and 0 <= value <= MAX_SAFE_INTEGER
+
+
+def parse_canonical(raw: str | None) -> int | None:
+    """The value of a canonical decimal integer string in ``[0, MAX_SAFE_INTEGER]`` (no sign,
+    blank, leading zero, dot or exponent; ASCII digits only), else ``None``. Mirrors the
+    ``canonical`` function of the Lua scripts."""
+    if raw is None or not 0 < len(raw) <= 16 or not raw.isascii() or not raw.isdigit():
+        return None
+    if len(raw) > 1 and raw[0] == "0":
+        return None
+    value = int(raw)
+    return value if value <= MAX_SAFE_INTEGER else None
