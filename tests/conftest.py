@@ -39,7 +39,9 @@ def env_name() -> str:
     return f"t{next(_env_numbers)}"
 
 
-def make_state(server: RedisServer, *, timeout_ms: int = 500, breaker: CircuitBreaker | None = None) -> StateRedis:
+def make_state(
+    server: RedisServer, *, timeout_ms: int = 500, breaker: CircuitBreaker | None = None
+) -> StateRedis:
     return StateRedis(connect(server.url, timeout_ms=timeout_ms), breaker=breaker)
 
 

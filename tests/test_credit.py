@@ -69,7 +69,9 @@ def test_rejects_balance_beyond_cap(state: StateRedis, env_name: str) -> None:
     assert ledger.balance(WALLET) == 600
 
 
-def test_no_credit_note_when_actual_at_least_quoted(ledger: CreditLedger, state: StateRedis, env_name: str) -> None:
+def test_no_credit_note_when_actual_at_least_quoted(
+    ledger: CreditLedger, state: StateRedis, env_name: str
+) -> None:
     assert issue(ledger, "eq", quoted=500, actual=500).outcome is CreditOutcome.NO_CREDIT
     assert issue(ledger, "gt", quoted=500, actual=900).outcome is CreditOutcome.NO_CREDIT
     assert state.client.keys(f"x402:credit:{{{env_name}:*") == []
@@ -103,7 +105,9 @@ def test_retrying_the_same_entry_never_credits_twice(ledger: CreditLedger, state
 
 
 @pytest.mark.parametrize("stored", ["nan", "1.5", "-1", "", "1e3", " 5", "9007199254740992"])
-def test_corrupt_balance_fails_closed(ledger: CreditLedger, state: StateRedis, env_name: str, stored: str) -> None:
+def test_corrupt_balance_fails_closed(
+    ledger: CreditLedger, state: StateRedis, env_name: str, stored: str
+) -> None:
     state.client.set(keys.credit_balance(env_name, WALLET), stored)
     result = issue(ledger, "c", quoted=10, actual=1)
     assert result.outcome is CreditOutcome.CORRUPT
@@ -155,7 +159,10 @@ def test_apply_credit_is_idempotent_and_never_negative(ledger: CreditLedger) -> 
     issue(ledger, "fund", quoted=1_000, actual=0)
     first = ledger.apply(request_id="pay-1", wallet=WALLET, required=300)
     assert (first.outcome, first.credit_used, first.reduced_amount, first.remaining_credit) == (
-        CreditOutcome.APPLIED, 300, 0, 700,
+        CreditOutcome.APPLIED,
+        300,
+        0,
+        700,
     )
     again = ledger.apply(request_id="pay-1", wallet=WALLET, required=300)
     assert (again.outcome, again.credit_used, again.remaining_credit) == (CreditOutcome.DUPLICATE, 300, 700)

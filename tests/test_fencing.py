@@ -8,11 +8,11 @@ from tests.conftest import make_state
 from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.errors import LeaseBusy, LeaseNotOwnedError, TokenOverflow
-from worker.fencing import Fencing, FenceResult, Lease
+from worker.fencing import FenceResult, Fencing, Lease
 from worker.limits import MAX_SAFE_INTEGER
 from worker.state_redis import StateRedis
 
-CORRUPT_SPELLINGS = ["nan", "1.5", "-1", "", "1e3", " 5", "9007199254740992", "inf", "0x10", "007", "５"]
+CORRUPT_SPELLINGS = ["nan", "1.5", "-1", "", "1e3", " 5", "9007199254740992", "inf", "0x10", "007", "\uff15"]
 
 
 def watermark(state: StateRedis, env: str, partition: int = 0) -> str | None:
