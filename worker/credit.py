@@ -9,8 +9,10 @@ values, not exceptions: an unreachable Redis is ``UNAVAILABLE``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from worker import keys
 from worker.errors import InvalidAmount, RedisUnavailable
@@ -110,6 +112,61 @@ class CreditLedger:
         if outcome is CreditOutcome.CORRUPT:
             return CreditResult(outcome, note_id, delta, None, raw=str(reply[1]))
         return CreditResult(outcome, note_id, delta, int(reply[1]))
+
+    def issue_many(self, requests: Sequence[Mapping[str, Any]]) -> list[CreditResult]:
+        """:meth:`issue_for_entry` for many entries in one pipelined round trip (replay, rebuild).
+
+        Each request has ``entry_id``, ``wallet``, ``quote_id``, ``quoted``, ``actual``. Results are
+        in request order; an outage makes every result ``UNAVAILABLE`` (some notes may have been
+        applied: a later retry answers ``DUPLICATE`` for those, never a second credit).
+        """
+        results: list[CreditResult | None] = []
+        calls: list[tuple[int, str, list[str], list[str]]] = []
+        for index, request in enumerate(requests):
+            quoted, actual = int(request["quoted"]), int(request["actual"])
+            _amount("quoted", quoted)
+            _amount("actual", actual)
+            if actual >= quoted:
+                results.append(CreditResult(CreditOutcome.NO_CREDIT, None, 0))
+                continue
+            wallet, entry_id = str(request["wallet"]), str(request["entry_id"])
+            note_id = note_id_for(entry_id)
+            note = {
+                "id": note_id,
+                "entry_id": entry_id,
+                "wallet": wallet,
+                "quote_id": str(request["quote_id"]),
+                "amount": str(quoted - actual),
+            }
+            results.append(None)
+            calls.append(
+                (
+                    index,
+                    note_id,
+                    [keys.credit_balance(self.env, wallet), keys.credit_note(self.env, wallet, note_id)],
+                    [str(quoted - actual), str(self.cap), str(self.ttl_s), json.dumps(note, sort_keys=True)],
+                )
+            )
+
+        def run_pipeline() -> list[Any]:
+            pipe = self._state.client.pipeline(transaction=False)
+            for _, _, call_keys, call_args in calls:
+                self._scripts.credit_issue(keys=call_keys, args=call_args, client=pipe)
+            return list(pipe.execute(raise_on_error=True))
+
+        try:
+            replies = self._state.call(run_pipeline) if calls else []
+        except RedisUnavailable:
+            replies = [None] * len(calls)
+        for (index, note_id, _, call_args), reply in zip(calls, replies, strict=True):
+            delta = int(call_args[0])
+            if reply is None:
+                results[index] = CreditResult(CreditOutcome.UNAVAILABLE, note_id, delta)
+            elif reply[0] == CreditOutcome.CORRUPT:
+                results[index] = CreditResult(CreditOutcome.CORRUPT, note_id, delta, None, raw=str(reply[1]))
+            else:
+                results[index] = CreditResult(CreditOutcome(reply[0]), note_id, delta, int(reply[1]))
+        return [result for result in results if result is not None]
 
     def apply(self, *, request_id: str, wallet: str, required: int) -> ConsumeResult:
         """Consume up to ``required`` of the wallet's credit, once per ``request_id``.

@@ -89,3 +89,16 @@ class StaleTokenError(WalError):
 
 class PartitionCountMismatch(ConfigError):
     """``BILLING_PARTITIONS`` differs from the count recorded for this environment's WAL."""
+
+
+class RetryLater(BillingError):
+    """The entry cannot be decided now and must be retried (the message is kept).
+
+    ``kind`` is ``"busy"`` (another writer holds the partition), ``"stale"`` (a newer writer
+    exists) or ``"corrupt"`` (fencing or balance state is corrupt: fail closed until repaired).
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail

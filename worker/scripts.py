@@ -31,7 +31,7 @@ def read_script(name: str) -> str:
 
 @dataclass(frozen=True)
 class Scripts:
-    """The six contract scripts (DESIGN.md §4), registered on one client."""
+    """The six contract scripts (DESIGN.md §4) and the onboarding upsert, registered on one client."""
 
     fence_validate_advance: Script
     lease_acquire: Script
@@ -39,6 +39,7 @@ class Scripts:
     lease_release: Script
     credit_issue: Script
     credit_apply: Script
+    personality_upsert: Script
 
     @classmethod
     def register(cls, client: redis.Redis) -> Scripts:
