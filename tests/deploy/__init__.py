@@ -1,0 +1,1 @@
+"""Static checks of deploy/: Dockerfile, docker-compose, Prometheus rules, Terraform."""
