@@ -69,7 +69,7 @@ def test_wal_volume_and_settings(instructions: list[tuple[str, str]]) -> None:
 def test_installs_the_project_non_editable(instructions: list[tuple[str, str]]) -> None:
     runs = _args(instructions, "RUN")
     installs = [r for r in runs if re.search(r"\bpip install\b", r)]
-    assert any(re.search(r"\bpip install (?:[^&|;]* )?\.(?:\s|$)", r) for r in installs)
+    assert any(re.search(r"\bpip install (?:[^&|;]* )?\"?\.(?:\[[a-z,]+\])?\"?(?:\s|$)", r) for r in installs)
     for run in installs:
         assert not re.search(r"(?:^|\s)(?:-e|--editable)(?:\s|=|$)", run), run
 
