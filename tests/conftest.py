@@ -60,3 +60,80 @@ def fencing(state: StateRedis, env_name: str) -> Fencing:
 @pytest.fixture
 def ledger(state: StateRedis, env_name: str) -> CreditLedger:
     return CreditLedger(state, env=env_name, cap=1_000_000_000_000, ttl_s=604_800)
+
+
+# --- the pipeline and Celery ---------------------------------------------------------------------
+
+pytest_plugins = ("celery.contrib.pytest",)
+
+
+@pytest.fixture(scope="session")
+def broker_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The Celery broker (db 0) and result backend (db 1), apart from any state Redis, so a test
+    can kill the state Redis without stopping delivery."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-broker")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def billing_env(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    broker_redis: RedisServer,
+    env_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[dict[str, str]]:
+    """BILLING_* for one test: its own env name, WAL dir and a clean broker; runtime rebuilt."""
+    from worker.app import app
+    from worker.runtime import reset_runtime
+
+    values = {
+        "BILLING_ENV": env_name,
+        "BILLING_REDIS_URL": redis_server.url,
+        "BILLING_BROKER_URL": broker_redis.url.replace("/0", "/0"),
+        "BILLING_RESULT_BACKEND": broker_redis.url.replace("/0", "/1"),
+        "BILLING_WAL_DIR": str(tmp_path / "wal"),
+        "BILLING_PARTITIONS": "4",
+        "BILLING_REDIS_TIMEOUT_MS": "300",
+        "BILLING_BREAKER_RESET_MS": "200",
+        "BILLING_RETRY_MAX_S": "1",
+        "BILLING_METRICS_PORT": "0",
+        "BILLING_WAL_SEGMENT_BYTES": "65536",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    broker_redis.client(0).flushdb()
+    broker_redis.client(1).flushdb()
+    app.conf.update(
+        broker_url=values["BILLING_BROKER_URL"],
+        result_backend=values["BILLING_RESULT_BACKEND"],
+        broker_transport_options={
+            "visibility_timeout": 300,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            "polling_interval": 0.1,
+        },
+    )
+    reset_runtime()
+    yield values
+    reset_runtime()
+
+
+@pytest.fixture
+def celery_worker_inproc(billing_env: dict[str, str]) -> Iterator[object]:
+    """A real Celery worker consuming `billing` and `onboarding` in this process (solo pool)."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.app import app
+
+    with start_worker(
+        app,
+        pool="solo",
+        concurrency=1,
+        queues=["billing", "onboarding"],
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=10,
+    ) as worker:
+        yield worker

@@ -30,7 +30,8 @@ def _identifier(value: object) -> str:
     return value
 
 
-def _wallet(value: object) -> str:
+def normalise_wallet(value: object) -> str:
+    """``0x`` + 40 hex digits, lowercased; ValueError otherwise."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {type(value).__name__}")
     if not _WALLET.fullmatch(value):
@@ -66,7 +67,7 @@ def _timestamp(value: object) -> datetime | None:
 
 
 Identifier = Annotated[str, BeforeValidator(_identifier)]
-Wallet = Annotated[str, BeforeValidator(_wallet)]
+Wallet = Annotated[str, BeforeValidator(normalise_wallet)]
 Amount = Annotated[int, BeforeValidator(_amount)]
 Timestamp = Annotated[datetime | None, BeforeValidator(_timestamp)]
 
