@@ -8,7 +8,7 @@ from celery import Task
 
 from worker.app import app
 from worker.backoff import retry_delay
-from worker.errors import RetryLater
+from worker.errors import RetryLater, WalError
 from worker.runtime import get_runtime
 
 
@@ -26,6 +26,8 @@ def process_entry(self: Task[Any, Any], payload: Any) -> dict[str, Any]:
         return get_runtime().pipeline.process_entry(payload).to_result()
     except RetryLater as error:
         raise _retry(self, error) from None
+    except (WalError, OSError) as error:  # the local log cannot take it now: keep the message
+        raise _retry(self, RetryLater("error", str(error))) from None
 
 
 @app.task(name="billing.apply_credit", bind=True, max_retries=None)
@@ -35,3 +37,5 @@ def apply_credit(self: Task[Any, Any], payload: Any) -> dict[str, Any]:
         return get_runtime().pipeline.apply_credit(payload).to_result()
     except RetryLater as error:
         raise _retry(self, error) from None
+    except (WalError, OSError) as error:
+        raise _retry(self, RetryLater("error", str(error))) from None

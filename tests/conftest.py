@@ -98,6 +98,7 @@ def billing_env(
         "BILLING_REDIS_TIMEOUT_MS": "300",
         "BILLING_BREAKER_RESET_MS": "200",
         "BILLING_RETRY_MAX_S": "1",
+        "BILLING_LEASE_TTL_MS": "2000",
         "BILLING_METRICS_PORT": "0",
         "BILLING_WAL_SEGMENT_BYTES": "65536",
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 #: First-retry scale per reason, seconds.
-BASE_DELAY_S = {"busy": 0.02, "stale": 0.05, "corrupt": 1.0}
+BASE_DELAY_S = {"busy": 0.02, "stale": 0.05, "corrupt": 1.0, "error": 1.0}
 
 #: Smallest delay, seconds (keeps a hot retry loop from spinning).
 MIN_DELAY_S = 0.01

@@ -31,6 +31,7 @@ from worker.credit import CreditLedger, CreditOutcome, CreditResult
 from worker.errors import (
     InvalidEntry,
     LeaseBusy,
+    LeaseNotOwnedError,
     RedisUnavailable,
     RetryLater,
     StaleTokenError,
@@ -194,6 +195,8 @@ class Pipeline:
             raise RetryLater("corrupt", str(overflow)) from None
         try:
             return self._process_fenced(partition, partition_no, entry, body, lease)
+        except LeaseNotOwnedError as lost:
+            raise RetryLater("stale", str(lost)) from None
         finally:
             self.fencing.release(lease)
 
@@ -257,7 +260,11 @@ class Pipeline:
                 return self._duplicate(partition_no, state.entry, state.outcome)
             lease.ensure_held()
             if state is None:
-                record = self._append(partition, RecordType.ENTRY, lease.token, entry.entry_id, body)
+                try:
+                    record = self._append(partition, RecordType.ENTRY, lease.token, entry.entry_id, body)
+                except StaleTokenError as stale:  # a newer writer appended: the WAL refuses us
+                    metrics.FENCE_RESULTS.labels("STALE_AT_WAL").inc()
+                    raise RetryLater("stale", str(stale)) from None
             else:
                 record = state.entry  # pending from an attempt that died after its append
         credit = self.ledger.issue_for_entry(
@@ -480,6 +487,8 @@ class Pipeline:
                         partition, RecordType.CREDIT_USED, lease.token, request.request_id, body
                     )
                     metrics.CREDIT_USED.inc(result.credit_used)
+        except LeaseNotOwnedError as lost:
+            raise RetryLater("stale", str(lost)) from None
         finally:
             self.fencing.release(lease)
         return self._consume_from_record(request.request_id, logged, result.outcome.value.lower())
@@ -504,7 +513,7 @@ class Pipeline:
             if partition.pending_count == 0:
                 return ReplayReport(partition_no, 0, 0)
         try:
-            lease = self.fencing.acquire(partition_no, floor=partition.highest_token)
+            lease = self._acquire(partition_no, partition)
         except (RedisUnavailable, LeaseBusy, TokenOverflow) as error:
             return ReplayReport(partition_no, 0, partition.pending_count, type(error).__name__)
         applied = 0
@@ -524,8 +533,8 @@ class Pipeline:
                 applied += done
                 if done < len(chunk):
                     break
-        except RedisUnavailable:
-            pass
+        except (RedisUnavailable, LeaseNotOwnedError) as stopped:
+            log.warning("replay of partition %d stopped early: %s", partition_no, stopped)
         finally:
             self.fencing.release(lease)
         metrics.REPLAYED.inc(applied)

@@ -7,6 +7,8 @@ children would inherit; :func:`reset_runtime` drops them (after fork, in tests).
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker import metrics
@@ -34,11 +36,13 @@ class Runtime:
         self.state.close()
 
 
-def build_runtime(settings: Settings) -> Runtime:
-    """Open everything one process needs. Raises ConfigError (e.g. partition count mismatch)."""
+def build_runtime(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> Runtime:
+    """Open everything one process needs (``clock`` drives the circuit breaker). Raises
+    ConfigError (e.g. partition count mismatch), WalCorruption for a damaged partition."""
     breaker = CircuitBreaker(
         failure_threshold=settings.breaker_failures,
         reset_after_s=settings.breaker_reset_ms / 1000,
+        clock=clock,
         on_change=lambda state: metrics.BREAKER_OPEN.set(1 if state is BreakerState.OPEN else 0),
     )
     store = WalStore(settings)
