@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-chaos lint contract bench bootstrap clean
+.PHONY: run test test-fast test-chaos lint contract bench bootstrap clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -11,6 +11,9 @@ run: bootstrap
 	$(BIN)/billing-worker demo
 
 test: bootstrap
+	$(BIN)/pytest
+
+test-fast: bootstrap
 	$(BIN)/pytest -m "not chaos"
 
 test-chaos: bootstrap

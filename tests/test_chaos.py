@@ -1,0 +1,191 @@
+"""Crash and load scenarios with real `celery worker` subprocesses (prefork), killed for real.
+
+Marked ``chaos``: they take tens of seconds. ``make test`` runs them too (CI has the time);
+``make test-chaos`` runs only these.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.devstack import CeleryProcess, worker_args
+from worker.invariants import check_invariants
+from worker.runtime import Runtime, build_runtime
+from worker.samples import entry, sample_entries
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.chaos
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def chaos_env(billing_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Short visibility timeout so a whole dead worker's messages come back quickly."""
+    monkeypatch.setenv("BILLING_VISIBILITY_TIMEOUT_S", "10")
+    return dict(os.environ)
+
+
+@pytest.fixture
+def workers(tmp_path: Path, chaos_env: dict[str, str]) -> Iterator[Callable[[str], CeleryProcess]]:
+    started: list[CeleryProcess] = []
+
+    def start(name: str, concurrency: int = 2) -> CeleryProcess:
+        process = CeleryProcess(
+            worker_args(concurrency=concurrency, name=name), env=chaos_env, log_path=tmp_path / f"{name}.log"
+        ).start()
+        started.append(process)
+        from worker.app import app
+
+        def answers_ping() -> bool:
+            return any(host.startswith(f"{name}@") for reply in app.control.ping(timeout=0.5) for host in reply)
+
+        wait_until(f"worker {name}", answers_ping, 60)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def observer(chaos_env: dict[str, str]) -> Iterator[Runtime]:
+    rt = build_runtime(load_settings())
+    yield rt
+    rt.close()
+
+
+def all_recorded(rt: Runtime, expected: set[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        report = check_invariants(rt.store, rt.state, env=rt.settings.env, cap=rt.settings.max_credit_balance)
+        done = report.entries - report.pending
+        return done >= len(expected)
+
+    return check
+
+
+def final_report(rt: Runtime, expected: set[str]) -> Any:
+    report = check_invariants(
+        rt.store, rt.state, env=rt.settings.env, cap=rt.settings.max_credit_balance, expected_entry_ids=expected
+    )
+    assert report.problems == []
+    assert report.entries == len(expected)
+    return report
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+def test_whole_worker_killed_mid_stream_is_redelivered_and_applied_once(
+    workers: Callable[..., CeleryProcess], observer: Runtime
+) -> None:
+    from worker.app import app
+
+    payloads = sample_entries(300, wallets=30, prefix="kill-")
+    payloads += [dict(p) for p in random.Random(1).sample(payloads, 30)]  # duplicate deliveries
+    first = workers("first")
+    results = [app.send_task("billing.process_entry", args=[p]) for p in payloads]
+    wait_until("some results", lambda: sum(r.ready() for r in results) >= 60, 60)
+    first.kill(signal.SIGKILL)  # the main process and its pool children, mid-stream
+    done_at_kill = sum(r.ready() for r in results)
+    assert done_at_kill < len(payloads), "the kill must land while work is in flight"
+    workers("second")
+    expected = {p["entry_id"] for p in payloads}
+    wait_until("every entry recorded with an outcome", all_recorded(observer, expected), 120)
+    answers = [r.get(timeout=120) for r in results]
+    report = final_report(observer, expected)
+    statuses = {a["status"] for a in answers}
+    assert statuses <= {"credited", "no_credit", "duplicate"}
+    print(f"whole-worker kill: sent {len(payloads)}, done before kill {done_at_kill}, {dict(report.outcomes)}")
+
+
+def test_pool_child_killed_mid_task_is_requeued_and_applied_once(
+    workers: Callable[..., CeleryProcess], observer: Runtime
+) -> None:
+    from worker.app import app
+
+    payloads = sample_entries(300, wallets=30, prefix="child-")
+    worker = workers("kids")
+    assert worker.process is not None
+    results = [app.send_task("billing.process_entry", args=[p]) for p in payloads]
+    killed = 0
+    for threshold in (40, 120, 200):
+        wait_until(f"{threshold} results", lambda t=threshold: sum(r.ready() for r in results) >= t, 60)
+        if sum(r.ready() for r in results) >= len(payloads):
+            break
+        victims = child_pids(worker.process.pid)
+        os.kill(victims[0], signal.SIGKILL)
+        killed += 1
+    assert killed >= 1
+    expected = {p["entry_id"] for p in payloads}
+    wait_until("every entry recorded with an outcome", all_recorded(observer, expected), 120)
+    report = final_report(observer, expected)
+    print(f"pool-child kills: {killed}, {dict(report.outcomes)}")
+
+
+def test_two_workers_2000_entries_with_duplicates_and_conflicts(
+    workers: Callable[..., CeleryProcess], observer: Runtime
+) -> None:
+    from worker.app import app
+
+    rng = random.Random(5)
+    originals = sample_entries(2000, wallets=50, prefix="load-")
+    stream: list[dict[str, Any]] = list(originals)
+    stream += [dict(p) for p in rng.sample(originals, 200)]  # 10% duplicate deliveries
+    conflicts = [dict(p, actual_amount=int(p["actual_amount"]) + 1) for p in rng.sample(originals, 20)]
+    stream += conflicts
+    rng.shuffle(stream)
+    workers("w1")
+    workers("w2")
+    started = time.monotonic()
+    results = [app.send_task("billing.process_entry", args=[p]) for p in stream]
+    answers = [r.get(timeout=300) for r in results]
+    elapsed = time.monotonic() - started
+    statuses: dict[str, int] = {}
+    for answer in answers:
+        statuses[answer["status"]] = statuses.get(answer["status"], 0) + 1
+    accepted = {p["entry_id"] for p in originals}
+    report = final_report(observer, accepted)
+    # every conflicting delivery that arrived after its original was rejected; one that arrived
+    # first became the original itself (then the real original is the conflicting one)
+    assert statuses.get("rejected", 0) >= 1
+    assert statuses["duplicate"] + statuses.get("rejected", 0) == 220
+    assert report.rejected_records == statuses.get("rejected", 0)
+    print(f"2 workers: {len(stream)} deliveries in {elapsed:.1f}s, answers {statuses}")
+    print(f"2 workers: outcomes {dict(report.outcomes)}")
+
+
+def test_entry_for_a_dead_worker_partition_is_not_lost(
+    workers: Callable[..., CeleryProcess], observer: Runtime, chaos_env: dict[str, str]
+) -> None:
+    """A worker holding a partition lease dies: the lease expires (TTL) and the next worker
+    takes over with a higher token; the entry the dead worker held is processed once."""
+    from worker.app import app
+
+    wallet = "0x" + "77" * 20
+    payloads = [entry(f"lease-{i}", wallet, 1_000, 1) for i in range(40)]
+    first = workers("lease-a", concurrency=1)
+    results = [app.send_task("billing.process_entry", args=[p]) for p in payloads]
+    wait_until("a few results", lambda: sum(r.ready() for r in results) >= 5, 60)
+    first.kill(signal.SIGKILL)
+    workers("lease-b", concurrency=1)
+    expected = {p["entry_id"] for p in payloads}
+    wait_until("all recorded", all_recorded(observer, expected), 120)
+    report = final_report(observer, expected)
+    assert report.balances[wallet] == 40 * 999
