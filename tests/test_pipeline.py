@@ -146,3 +146,32 @@ def test_onboarding_task_on_its_queue() -> None:
     ).get(timeout=30)
     assert result["status"] == "created"
     assert result["personality"]["voice"] == "calm"
+
+
+def test_maintenance_tasks_report_backlog_and_checkpoint() -> None:
+    from worker.app import app, celery_config
+
+    send(entry("m-1", W1, 100, 1))
+    backlog = app.send_task("billing.report_backlog").get(timeout=30)
+    assert backlog == {"0": 0, "1": 0, "2": 0, "3": 0}
+    checkpoint = app.send_task("billing.checkpoint").get(timeout=30)
+    assert set(checkpoint) == {"0", "1", "2", "3"}
+    replay = app.send_task("billing.replay_pending").get(timeout=30)
+    assert [r["partition"] for r in replay] == [0, 1, 2, 3]
+    schedule = celery_config(runtime().settings)["beat_schedule"]
+    assert {s["task"] for s in schedule.values()} == {
+        "billing.replay_pending",
+        "billing.checkpoint",
+        "billing.report_backlog",
+    }
+
+
+def test_reliability_settings_of_the_app() -> None:
+    from worker.app import app
+
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.accept_content == ["json"]
+    assert runtime().settings.retry_max_s < conf.broker_transport_options["visibility_timeout"]
