@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from worker import metrics
+from worker import keys, metrics
 from worker.credit import CreditLedger, CreditOutcome, CreditResult
 from worker.errors import (
     InvalidEntry,
@@ -152,6 +152,45 @@ def _raw_text(raw: object) -> str:
         return repr(raw)
 
 
+@dataclass
+class _Item:
+    """One payload of a batch on its way through the pipeline."""
+
+    raw: object
+    entry: BillingEntry | None = None
+    body: dict[str, Any] | None = None
+    pending: Record | None = None  #: its ENTRY record once one exists
+    result: Outcome | RetryLater | None = None
+
+
+def _entry_id(item: _Item) -> str:
+    assert item.entry is not None
+    return item.entry.entry_id
+
+
+def _body(item: _Item) -> dict[str, Any]:
+    assert item.body is not None
+    return item.body
+
+
+def _retry_all(items: list[_Item], error: RetryLater) -> None:
+    for item in items:
+        if item.result is None:
+            item.result = error
+
+
+def _credit_request(record: Record) -> dict[str, Any]:
+    """The credit request of a recorded entry (its body is the canonical entry)."""
+    body = record.body
+    return {
+        "entry_id": record.entry_id,
+        "wallet": body["wallet"],
+        "quote_id": body["quote_id"],
+        "quoted": int(body["quoted_amount"]),
+        "actual": int(body["actual_amount"]),
+    }
+
+
 class Pipeline:
     """One process's pipeline over the WAL store, fencing and credit ledger."""
 
@@ -164,45 +203,88 @@ class Pipeline:
 
     def process_entry(self, raw: object) -> Outcome:
         """Process one upstream payload. Never raises for a bad entry (``rejected``); raises
-        :class:`RetryLater` when the entry must be retried, with nothing appended."""
-        started = time.perf_counter()
-        try:
-            entry = parse_entry(raw)
-        except InvalidEntry as error:
-            outcome = self._reject_invalid(raw, error)
-        else:
-            outcome = self._process_valid(entry)
-        metrics.ENTRIES.labels(outcome.status.value).inc()
-        metrics.ENTRY_SECONDS.observe(time.perf_counter() - started)
-        return outcome
+        :class:`RetryLater` when the entry must be retried, with nothing appended for it."""
+        (result,) = self.process_batch([raw])
+        if isinstance(result, RetryLater):
+            raise result
+        return result
 
-    def _process_valid(self, entry: BillingEntry) -> Outcome:
-        partition_no = self.store.partition_for_wallet(entry.wallet)
+    def process_batch(self, raws: Sequence[object]) -> list[Outcome | RetryLater]:
+        """Process many payloads with one lease, one fsync per record kind and one pipelined
+        credit round trip per partition; every guarantee of a single entry holds for each.
+
+        Returns, in input order, each payload's :class:`Outcome` or the :class:`RetryLater` that
+        says it must be retried (nothing was appended for it).
+        """
+        started = time.perf_counter()
+        items = [_Item(raw) for raw in raws]
+        groups: dict[int, list[_Item]] = {}
+        for item in items:
+            try:
+                item.entry = parse_entry(item.raw)
+            except InvalidEntry as error:
+                item.result = self._reject_invalid(item.raw, error)
+                continue
+            item.body = item.entry.canonical()
+            groups.setdefault(self.store.partition_for_wallet(item.entry.wallet), []).append(item)
+        for partition_no, group in groups.items():
+            self._process_group(partition_no, group)
+        elapsed = time.perf_counter() - started
+        results: list[Outcome | RetryLater] = []
+        for item in items:
+            assert item.result is not None
+            if isinstance(item.result, RetryLater):
+                metrics.RETRIES.labels(item.result.kind).inc()
+            else:
+                metrics.ENTRIES.labels(item.result.status.value).inc()
+                metrics.ENTRY_SECONDS.observe(elapsed)
+            results.append(item.result)
+        return results
+
+    def _process_group(self, partition_no: int, group: list[_Item]) -> None:
+        """One partition's share of a batch. Repeats of an ``entry_id`` within the batch are
+        decided after their first occurrence, against the WAL (so: duplicate or conflict)."""
+        firsts: dict[str, _Item] = {}
+        repeats: list[_Item] = []
+        for item in group:
+            assert item.entry is not None
+            if item.entry.entry_id in firsts:
+                repeats.append(item)
+            else:
+                firsts[item.entry.entry_id] = item
+        self._process_unique(partition_no, list(firsts.values()))
+        if repeats:
+            self._process_group(partition_no, repeats)
+
+    def _process_unique(self, partition_no: int, group: list[_Item]) -> None:
         partition = self.store.partition(partition_no)
-        body = entry.canonical()
-        known = self._known(partition, partition_no, entry, body)
-        if known is not None:
-            return known
+        with partition.locked():  # a cheap pre-check without Redis: finished duplicates, conflicts
+            todo = self._undecided(partition, partition_no, group)
+        if not todo:
+            return
         try:
             lease = self._acquire(partition_no, partition)
         except RedisUnavailable:
-            return self._fail_open(partition, partition_no, entry, body)
+            self._fail_open(partition, partition_no, todo)
+            return
         except LeaseBusy as busy:
-            raise RetryLater("busy", str(busy)) from None
+            _retry_all(todo, RetryLater("busy", str(busy)))
+            return
         except TokenOverflow as overflow:
             metrics.CORRUPT.labels("token_overflow").inc()
             log.critical("partition %d: %s", partition_no, overflow)
-            raise RetryLater("corrupt", str(overflow)) from None
+            _retry_all(todo, RetryLater("corrupt", str(overflow)))
+            return
         try:
-            return self._process_fenced(partition, partition_no, entry, body, lease)
+            self._process_fenced(partition, partition_no, todo, lease)
         except LeaseNotOwnedError as lost:
-            raise RetryLater("stale", str(lost)) from None
+            _retry_all(todo, RetryLater("stale", str(lost)))
         finally:
             self.fencing.release(lease)
 
     def _acquire(self, partition_no: int, partition: Partition) -> Lease:
         """Take the partition's lease, waiting briefly (jittered, bounded) while another writer
-        holds it; then :class:`LeaseBusy` propagates and the task is retried later."""
+        holds it; then :class:`LeaseBusy` propagates and the caller retries later."""
         for attempt in Retrying(
             retry=retry_if_exception_type(LeaseBusy),
             wait=wait_random_exponential(multiplier=0.002, max=LEASE_WAIT_STEP_S),
@@ -213,96 +295,112 @@ class Pipeline:
                 return self.fencing.acquire(partition_no, floor=partition.highest_token)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _known(
-        self, partition: Partition, partition_no: int, entry: BillingEntry, body: dict[str, Any]
-    ) -> Outcome | None:
-        """A cheap pre-check (no Redis): a finished duplicate or a conflict is answered at once."""
-        with partition.locked():
-            verdict = partition.classify(entry.entry_id, body)
+    def _undecided(self, partition: Partition, partition_no: int, group: list[_Item]) -> list[_Item]:
+        """Under the partition lock: answer conflicts (recorded) and finished duplicates; return
+        the items still to process, each with ``pending`` set when a dead attempt left it so."""
+        todo: list[_Item] = []
+        for item in group:
+            assert item.entry is not None and item.body is not None
+            if item.result is not None:
+                continue
+            verdict = partition.classify(item.entry.entry_id, item.body)
             if verdict is Classification.CONFLICT:
-                return self._reject_conflict(partition, partition_no, entry)
+                item.result = self._reject_conflict(partition, partition_no, item.entry)
+                continue
+            item.pending = None
             if verdict is Classification.DUPLICATE:
-                state = partition.lookup(entry.entry_id)
-                if state is not None and state.outcome is not None:
-                    return self._duplicate(partition_no, state.entry, state.outcome)
-        return None
+                state = partition.lookup(item.entry.entry_id)
+                assert state is not None
+                if state.outcome is not None:
+                    item.result = self._duplicate(partition_no, state.entry, state.outcome)
+                    continue
+                item.pending = state.entry  # a dead attempt appended it: this one completes it
+            todo.append(item)
+        return todo
 
-    def _process_fenced(
-        self,
-        partition: Partition,
-        partition_no: int,
-        entry: BillingEntry,
-        body: dict[str, Any],
-        lease: Lease,
-    ) -> Outcome:
+    def _process_fenced(self, partition: Partition, partition_no: int, todo: list[_Item], lease: Lease) -> None:
         fence = self.fencing.validate_and_advance(lease)
         metrics.FENCE_RESULTS.labels(fence.value).inc()
         if fence is FenceResult.UNAVAILABLE:
-            return self._fail_open(partition, partition_no, entry, body)
+            self._fail_open(partition, partition_no, todo)
+            return
         if fence is FenceResult.STALE:
-            raise RetryLater("stale", f"partition {partition_no}: token {lease.token} is stale")
+            _retry_all(todo, RetryLater("stale", f"partition {partition_no}: token {lease.token} is stale"))
+            return
         if fence is FenceResult.CORRUPT:
             metrics.CORRUPT.labels("fence").inc()
             log.critical(
                 "partition %d: fencing watermark is CORRUPT (key %s); failing closed, "
                 "repair with `billing-worker fence repair --partition %d`",
                 partition_no,
-                f"wal:writer:last_accepted:{{{self.fencing.env}:{partition_no}}}",
+                keys.fence_watermark(self.fencing.env, partition_no),
                 partition_no,
             )
-            raise RetryLater("corrupt", f"partition {partition_no}: fencing watermark is corrupt")
+            _retry_all(todo, RetryLater("corrupt", f"partition {partition_no}: fencing watermark is corrupt"))
+            return
         with partition.locked():
-            verdict = partition.classify(entry.entry_id, body)
-            if verdict is Classification.CONFLICT:
-                return self._reject_conflict(partition, partition_no, entry)
-            state = partition.lookup(entry.entry_id)
-            if state is not None and state.outcome is not None:
-                return self._duplicate(partition_no, state.entry, state.outcome)
+            todo = self._undecided(partition, partition_no, todo)
             lease.ensure_held()
-            if state is None:
-                try:
-                    record = self._append(partition, RecordType.ENTRY, lease.token, entry.entry_id, body)
-                except StaleTokenError as stale:  # a newer writer appended: the WAL refuses us
-                    metrics.FENCE_RESULTS.labels("STALE_AT_WAL").inc()
-                    raise RetryLater("stale", str(stale)) from None
-            else:
-                record = state.entry  # pending from an attempt that died after its append
-        credit = self.ledger.issue_for_entry(
-            entry_id=entry.entry_id,
-            wallet=entry.wallet,
-            quote_id=entry.quote_id,
-            quoted=entry.quoted_amount,
-            actual=entry.actual_amount,
-        )
-        return self._complete(partition, partition_no, record, credit, lease.token)
+            new = [item for item in todo if item.pending is None]
+            try:
+                records = self._append_batch(
+                    partition, [(RecordType.ENTRY, lease.token, _entry_id(i), _body(i)) for i in new]
+                )
+            except StaleTokenError as stale:  # a newer writer appended: the WAL refuses us
+                metrics.FENCE_RESULTS.labels("STALE_AT_WAL").inc()
+                _retry_all(todo, RetryLater("stale", str(stale)))
+                return
+            for item, record in zip(new, records, strict=True):
+                item.pending = record
+        self._complete(partition, partition_no, todo, lease)
 
-    def _complete(
-        self, partition: Partition, partition_no: int, entry_record: Record, credit: CreditResult, token: int
-    ) -> Outcome:
-        """Append the outcome of a credit attempt for a recorded entry and answer it."""
-        if credit.outcome is CreditOutcome.UNAVAILABLE:
-            return Outcome(
-                entry_record.entry_id,
-                Status.DEFERRED,
-                partition_no,
-                entry_record.lsn,
-                entry_record.fencing_token,
-                reason="state redis unavailable after the WAL append; replay will apply it",
-            )
-        if credit.outcome is CreditOutcome.CORRUPT:
-            metrics.CORRUPT.labels("balance").inc()
-            log.critical("entry %s: stored credit balance is CORRUPT (%r)", entry_record.entry_id, credit.raw)
-            raise RetryLater("corrupt", f"entry {entry_record.entry_id}: stored credit balance is corrupt")
-        record_type, body = self._outcome_body(credit)
-        try:
-            self._append(partition, record_type, token, entry_record.entry_id, body)
-        except StaleTokenError as stale:
-            raise RetryLater("stale", str(stale)) from None
-        if record_type is RecordType.APPLIED and credit.outcome is CreditOutcome.APPLIED:
-            metrics.CREDIT_ISSUED.inc(credit.amount)
-        if record_type is RecordType.CAP_EXCEEDED:
-            metrics.CAP_EXCEEDED.inc()
-        return self._outcome_from(partition_no, entry_record, record_type, body)
+    def _complete(self, partition: Partition, partition_no: int, items: list[_Item], lease: Lease) -> None:
+        """Issue the credit of recorded (pending) entries in one pipelined round trip and append
+        their outcomes in one batch. Redis gone → ``deferred`` (they stay pending)."""
+        records = [item.pending for item in items if item.pending is not None]
+        credits = self.ledger.issue_many([_credit_request(record) for record in records])
+        to_append: list[tuple[_Item, Record, RecordType, dict[str, Any]]] = []
+        for item, credit in zip(items, credits, strict=True):
+            record = item.pending
+            assert record is not None
+            if credit.outcome is CreditOutcome.UNAVAILABLE:
+                item.result = Outcome(
+                    record.entry_id,
+                    Status.DEFERRED,
+                    partition_no,
+                    record.lsn,
+                    record.fencing_token,
+                    reason="state redis unavailable after the WAL append; replay will apply it",
+                )
+            elif credit.outcome is CreditOutcome.CORRUPT:
+                metrics.CORRUPT.labels("balance").inc()
+                log.critical("entry %s: stored credit balance is CORRUPT (%r)", record.entry_id, credit.raw)
+                item.result = RetryLater("corrupt", f"entry {record.entry_id}: stored credit balance is corrupt")
+            else:
+                record_type, body = self._outcome_body(credit)
+                to_append.append((item, record, record_type, body))
+                if credit.outcome is CreditOutcome.APPLIED:
+                    metrics.CREDIT_ISSUED.inc(credit.amount)
+                if record_type is RecordType.CAP_EXCEEDED:
+                    metrics.CAP_EXCEEDED.inc()
+        if not to_append:
+            return
+        with partition.locked():
+            lease.ensure_held()
+            fresh = []
+            for item, record, record_type, body in to_append:
+                state = partition.lookup(record.entry_id)
+                if state is not None and state.outcome is not None:  # completed meanwhile
+                    item.result = self._duplicate(partition_no, state.entry, state.outcome)
+                else:
+                    fresh.append((item, record, record_type, body))
+            try:
+                self._append_batch(partition, [(t, lease.token, r.entry_id, b) for _, r, t, b in fresh])
+            except StaleTokenError as stale:
+                _retry_all([item for item, *_ in fresh], RetryLater("stale", str(stale)))
+                return
+        for item, record, record_type, body in fresh:
+            item.result = self._outcome_from(partition_no, record, record_type, body)
 
     @staticmethod
     def _outcome_body(credit: CreditResult) -> tuple[RecordType, dict[str, Any]]:
@@ -351,45 +449,31 @@ class Pipeline:
             reason=f"already recorded as {original.status.value}",
         )
 
-    def _fail_open(
-        self, partition: Partition, partition_no: int, entry: BillingEntry, body: dict[str, Any]
-    ) -> Outcome:
-        """Redis is unreachable: record the entry with token 0 under the file lock (DESIGN §1)."""
+    def _fail_open(self, partition: Partition, partition_no: int, todo: list[_Item]) -> None:
+        """Redis is unreachable: record the entries with token 0 under the file lock (DESIGN §1)."""
         with partition.locked():
-            verdict = partition.classify(entry.entry_id, body)
-            if verdict is Classification.CONFLICT:
-                return self._reject_conflict(partition, partition_no, entry)
-            state = partition.lookup(entry.entry_id)
-            if state is not None and state.outcome is not None:
-                return self._duplicate(partition_no, state.entry, state.outcome)
-            if state is None:
-                record = self._append(partition, RecordType.ENTRY, 0, entry.entry_id, body)
-                metrics.FAIL_OPEN.inc()
-            else:
-                record = state.entry
-        return Outcome(
-            entry.entry_id,
-            Status.DEFERRED,
-            partition_no,
-            record.lsn,
-            record.fencing_token,
-            reason="state redis unavailable; recorded in the WAL, replay will apply it",
-        )
+            todo = self._undecided(partition, partition_no, todo)
+            new = [item for item in todo if item.pending is None]
+            records = self._append_batch(partition, [(RecordType.ENTRY, 0, _entry_id(i), _body(i)) for i in new])
+            metrics.FAIL_OPEN.inc(len(records))
+            for item, record in zip(new, records, strict=True):
+                item.pending = record
+        for item in todo:
+            entry_record = item.pending
+            assert entry_record is not None
+            item.result = Outcome(
+                entry_record.entry_id,
+                Status.DEFERRED,
+                partition_no,
+                entry_record.lsn,
+                entry_record.fencing_token,
+                reason="state redis unavailable; recorded in the WAL, replay will apply it",
+            )
 
     def _reject_conflict(self, partition: Partition, partition_no: int, entry: BillingEntry) -> Outcome:
         reason = "entry_id: already recorded with different content"
-        record = self._append(
-            partition,
-            RecordType.REJECTED,
-            0,
-            entry.entry_id,
-            {
-                "raw": json.dumps(entry.canonical(), sort_keys=True),
-                "reason": reason,
-                "field": "entry_id",
-                "at": _now_ms(),
-            },
-        )
+        body = {"raw": json.dumps(entry.canonical(), sort_keys=True), "reason": reason, "field": "entry_id"}
+        record = self._append_batch(partition, [(RecordType.REJECTED, 0, entry.entry_id, {**body, "at": _now_ms()})])[0]
         return Outcome(entry.entry_id, Status.REJECTED, partition_no, record.lsn, 0, reason=reason)
 
     def _reject_invalid(self, raw: object, error: InvalidEntry) -> Outcome:
@@ -399,13 +483,9 @@ class Pipeline:
         if isinstance(wallet, str) and len(wallet) == 42:
             partition_no = self.store.partition_for_wallet(wallet.lower())
         recorded_id = entry_id if isinstance(entry_id, str) and len(entry_id) <= 128 else ""
-        record = self._append(
-            self.store.partition(partition_no),
-            RecordType.REJECTED,
-            0,
-            recorded_id,
-            {"raw": _raw_text(raw), "reason": str(error), "field": error.field, "at": _now_ms()},
-        )
+        body = {"raw": _raw_text(raw), "reason": str(error), "field": error.field, "at": _now_ms()}
+        partition = self.store.partition(partition_no)
+        record = self._append_batch(partition, [(RecordType.REJECTED, 0, recorded_id, body)])[0]
         return Outcome(
             entry_id if isinstance(entry_id, str) else None,
             Status.REJECTED,
@@ -416,13 +496,14 @@ class Pipeline:
         )
 
     @staticmethod
-    def _append(
-        partition: Partition, record_type: RecordType, token: int, entry_id: str, body: dict[str, Any]
-    ) -> Record:
+    def _append_batch(partition: Partition, items: list[tuple[RecordType, int, str, dict[str, Any]]]) -> list[Record]:
+        """Append with one write and one fsync; observed in ``billing_wal_append_seconds``."""
+        if not items:
+            return []
         started = time.perf_counter()
-        record = partition.append(record_type, token, entry_id, body)
+        records = partition.append_batch(items)
         metrics.WAL_APPEND_SECONDS.observe(time.perf_counter() - started)
-        return record
+        return records
 
     # --- billing.apply_credit ----------------------------------------------------------------
 
@@ -483,9 +564,8 @@ class Pipeline:
                 lease.ensure_held()
                 logged = partition.credit_use(request.request_id)
                 if logged is None:
-                    logged = self._append(
-                        partition, RecordType.CREDIT_USED, lease.token, request.request_id, body
-                    )
+                    item = (RecordType.CREDIT_USED, lease.token, request.request_id, body)
+                    logged = self._append_batch(partition, [item])[0]
                     metrics.CREDIT_USED.inc(result.credit_used)
         except LeaseNotOwnedError as lost:
             raise RetryLater("stale", str(lost)) from None
@@ -504,13 +584,14 @@ class Pipeline:
 
     # --- replay --------------------------------------------------------------------------------
 
-    def replay_partition(self, partition_no: int, *, batch: int = 500) -> ReplayReport:
-        """Apply the partition's pending entries in LSN order under its lease (pipelined credit
-        issues, one batched outcome append per chunk). Stops early, leaving the rest pending, when
-        Redis goes away; an entry whose balance is corrupt stays pending (critical log)."""
+    def replay_partition(self, partition_no: int, *, batch: int = 1000) -> ReplayReport:
+        """Apply the partition's pending entries in LSN order under its lease: per chunk one
+        pipelined credit round trip and one batched outcome append. Stops early, leaving the rest
+        pending, when Redis goes away; an entry whose balance is corrupt stays pending."""
         partition = self.store.partition(partition_no)
         with partition.locked():
             if partition.pending_count == 0:
+                metrics.PENDING.labels(str(partition_no)).set(0)
                 return ReplayReport(partition_no, 0, 0)
         try:
             lease = self._acquire(partition_no, partition)
@@ -527,12 +608,13 @@ class Pipeline:
             with partition.locked():
                 pending = partition.pending()
             for start in range(0, len(pending), batch):
-                chunk = pending[start : start + batch]
                 self.fencing.renew(lease)
-                done = self._replay_chunk(partition, chunk, lease)
-                applied += done
-                if done < len(chunk):
-                    break
+                items = [_Item(None, pending=record) for record in pending[start : start + batch]]
+                self._complete(partition, partition_no, items, lease)
+                deferred = [i for i in items if isinstance(i.result, Outcome) and i.result.status is Status.DEFERRED]
+                applied += sum(1 for i in items if isinstance(i.result, Outcome)) - len(deferred)
+                if deferred:
+                    break  # Redis went away: the rest waits for the next replay
         except (RedisUnavailable, LeaseNotOwnedError) as stopped:
             log.warning("replay of partition %d stopped early: %s", partition_no, stopped)
         finally:
@@ -542,49 +624,6 @@ class Pipeline:
             remaining = partition.pending_count
         metrics.PENDING.labels(str(partition_no)).set(remaining)
         return ReplayReport(partition_no, applied, remaining)
-
-    def _replay_chunk(self, partition: Partition, chunk: list[Record], lease: Lease) -> int:
-        requests = []
-        for record in chunk:
-            body = record.body
-            requests.append(
-                {
-                    "entry_id": record.entry_id,
-                    "wallet": body["wallet"],
-                    "quote_id": body["quote_id"],
-                    "quoted": int(body["quoted_amount"]),
-                    "actual": int(body["actual_amount"]),
-                }
-            )
-        credits = self.ledger.issue_many(requests)
-        outcomes: list[tuple[RecordType, int, str, dict[str, Any]]] = []
-        for record, credit in zip(chunk, credits, strict=True):
-            if credit.outcome is CreditOutcome.UNAVAILABLE:
-                break
-            if credit.outcome is CreditOutcome.CORRUPT:
-                metrics.CORRUPT.labels("balance").inc()
-                log.critical(
-                    "replay: entry %s has a CORRUPT balance (%r); left pending", record.entry_id, credit.raw
-                )
-                continue
-            record_type, body = self._outcome_body(credit)
-            outcomes.append((record_type, lease.token, record.entry_id, body))
-            if credit.outcome is CreditOutcome.APPLIED:
-                metrics.CREDIT_ISSUED.inc(credit.amount)
-            if record_type is RecordType.CAP_EXCEEDED:
-                metrics.CAP_EXCEEDED.inc()
-        if outcomes:
-            with partition.locked():
-                lease.ensure_held()
-                fresh = [o for o in outcomes if self._still_pending(partition, o[2])]
-                if fresh:
-                    partition.append_batch(fresh)
-        return len(outcomes)
-
-    @staticmethod
-    def _still_pending(partition: Partition, entry_id: str) -> bool:
-        state = partition.lookup(entry_id)
-        return state is not None and state.outcome is None
 
     def replay_all(self) -> list[ReplayReport]:
         """Replay every partition of the environment."""
