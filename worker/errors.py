@@ -102,3 +102,16 @@ class RetryLater(BillingError):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+
+
+class InvalidRecord(WalError, ValueError):
+    """A record handed to the WAL is malformed (type, token range, entry_id, body): nothing written."""
+
+
+class WalInvariantError(WalError):
+    """An append would break the log's rules: nothing was written.
+
+    The rules: one ENTRY per ``entry_id``; an outcome (APPLIED, NO_CREDIT, CAP_EXCEEDED) only for an
+    ENTRY that is still pending; one CREDIT_USED per request id. Callers decide with
+    ``classify``/``lookup``/``credit_use`` under ``Partition.locked()`` before appending.
+    """
