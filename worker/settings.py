@@ -12,8 +12,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -24,6 +25,8 @@ from worker.limits import (
 )
 
 ENV_PREFIX = "BILLING_"
+#: Schemes the state Redis client (redis-py) accepts; broker and backend are left to Celery.
+_URL_SCHEMES: dict[str, tuple[str, ...]] = {"redis_url": ("redis", "rediss", "unix")}
 _ENV_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _SECRET_FIELDS = frozenset({"redis_url", "broker_url", "result_backend"})
 
@@ -68,6 +71,16 @@ class Settings(BaseSettings):
     #: How long the breaker stays open before a half-open probe, milliseconds.
     breaker_reset_ms: int = Field(default=2_000, ge=10, le=600_000)
 
+    @field_validator("redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        # Messages here never quote the value: it may hold a password (see _one_line).
+        schemes = _URL_SCHEMES.get(info.field_name or "")
+        problem = url_problem(value, schemes)
+        if problem is not None:
+            raise ValueError(f"{problem} (the value is not shown: it may hold a password)")
+        return value
+
     @field_validator("env")
     @classmethod
     def _env_name(cls, value: str) -> str:
@@ -88,6 +101,26 @@ class Settings(BaseSettings):
     def env_wal_dir(self) -> Path:
         """This environment's WAL directory."""
         return self.wal_dir / self.env
+
+
+def url_problem(url: str, schemes: tuple[str, ...] | None = None) -> str | None:
+    """Why ``url`` is not a usable connection URL, in words that never quote it; ``None`` if fine.
+
+    Catches what would otherwise fail later with a library error quoting part of the URL (a bad
+    port, an unencoded ``/``, ``?`` or ``#`` in the password that makes it part of the host, path
+    or fragment) and what a redaction could not mask (an ``@`` outside the user-info part)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return "not a valid URL (a port that is not a number, or an unencoded reserved character)"
+    if not parts.scheme or "://" not in url:
+        return "not a URL (expected scheme://...)"
+    if schemes is not None and parts.scheme not in schemes:
+        return f"scheme must be one of {', '.join(s + '://' for s in schemes)}"
+    if "@" in url.split("://", 1)[1] and "@" not in parts.netloc:
+        return "has an '@' outside the user:password@ part (percent-encode '/', '?', '#', '@' in passwords)"
+    return None
 
 
 def _one_line(error: ValidationError) -> str:
