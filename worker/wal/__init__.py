@@ -30,9 +30,13 @@ API
     CONFLICT), ``lookup(entry_id) -> EntryState | None`` (``.entry``, ``.outcome``),
     ``credit_use(request_id) -> Record | None``, ``pending() -> list[Record]``,
     ``pending_count``, ``highest_token``, ``next_lsn``, ``last_lsn``, ``applied_lsn``,
-    ``segments()``, ``records(from_lsn=1)`` and ``rejected()`` (iterators over everything,
-    snapshot included). Maintenance: ``checkpoint() -> Checkpoint``, ``retire_segments() ->
-    list[Path]``.
+    ``segments()``, ``records(from_lsn=1) -> RecordIterator`` and ``rejected()`` (iterators over
+    everything, snapshot included). Maintenance: ``checkpoint() -> Checkpoint`` (cursors, and
+    fully applied sealed segments folded into the snapshot), ``retire_segments() -> list[Path]``
+    (deletes the segments the durable snapshot covers).
+
+    Use one handle per partition per process (``WalStore`` does): two handles exclude each other
+    like two processes, so appending through one inside the other's ``locked()`` deadlocks.
 
 ``verify_partition(path, *, progress=None) -> VerifyReport``
     Read-only, lock-free check listing every :class:`Problem` (file, offset, detail).

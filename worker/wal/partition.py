@@ -557,6 +557,20 @@ class Partition:
             self._leave()
 
     def _check_rules(self, prepared: list[Prepared]) -> None:
+        if len(prepared) == 1:  # the common single append, without the batch bookkeeping
+            item = prepared[0]
+            if item.fencing_token and item.fencing_token < self._highest:
+                raise StaleTokenError(item.fencing_token, self._highest)
+            kind, key = item.type, item.entry_id
+            if kind is RecordType.ENTRY:
+                if key in self._entries:
+                    raise WalInvariantError(f"entry {key!r} is already recorded")
+            elif kind in OUTCOME_TYPES:
+                if key not in self._pending:
+                    raise WalInvariantError(f"{kind.name} for entry {key!r}, which is not pending")
+            elif kind is RecordType.CREDIT_USED and key in self._credit:
+                raise WalInvariantError(f"credit use {key!r} is already recorded")
+            return
         highest = self._highest
         opened: set[str] = set()
         closed: set[str] = set()
