@@ -184,6 +184,7 @@ def _make_fast_encode() -> Callable[[dict[str, Any]], str]:
 
 _encode_json = _make_fast_encode()
 _SCALARS = frozenset({str, int, bool, type(None)})
+_STR_ONLY = frozenset({str})
 
 
 def _check_json(value: object, where: str) -> None:
@@ -215,13 +216,11 @@ def canonical_body(body: Mapping[str, Any]) -> bytes:
         if not isinstance(body, Mapping):
             raise InvalidRecord(f"body must be a JSON object, not {type(body).__name__}")
         body = dict(body)
-    scalars = _SCALARS
     try:
-        for key, item in body.items():  # the flat common case inline; nested values walked
-            if not isinstance(key, str):
-                raise InvalidRecord(f"body: key {key!r} is not a string")
-            if type(item) not in scalars:
-                _check_json(item, f".{key}")
+        # Fast path (C-level loops): a flat object of str keys and scalar values. Anything else
+        # (nested values, subclasses, bad types) is walked by _check_json, which raises on error.
+        if not (_STR_ONLY.issuperset(map(type, body)) and _SCALARS.issuperset(map(type, body.values()))):
+            _check_json(body, "")
         return _encode_json(body).encode("utf-8")
     except RecursionError:
         raise InvalidRecord("body: nested too deeply (or contains itself)") from None
