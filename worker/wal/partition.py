@@ -343,7 +343,7 @@ class Partition:
                 )
             self._open_active(path, first)
             size = os.fstat(self._fd).st_size
-            stop = scan_fd(self._fd, SEGMENT_HEADER_SIZE, size, first, self._apply)
+            stop = scan_fd(self._fd, SEGMENT_HEADER_SIZE, size, first, None, many=self._apply_many)
             self._size = stop.offset
             if stop.detail is not None:
                 if not newest:
@@ -380,7 +380,7 @@ class Partition:
             through = check_file_header(header, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, str(path))
             if through != checkpoint.snapshot_through_lsn:
                 raise WalCorruption(str(path), 0, f"snapshot header says LSN {through}")
-            stop = scan_fd(fd, SEGMENT_HEADER_SIZE, size, 1, self._apply)
+            stop = scan_fd(fd, SEGMENT_HEADER_SIZE, size, 1, None, many=self._apply_many)
             if stop.detail is not None:
                 raise WalCorruption(str(path), stop.offset, stop.detail)
             if stop.next_lsn != through + 1:
@@ -416,7 +416,7 @@ class Partition:
         if file_size < self._size:
             raise WalCorruption(path, file_size, f"segment shrank below its good end {self._size}")
         with _gc_paused():
-            stop = scan_fd(self._fd, self._size, file_size, self._next_lsn, self._apply)
+            stop = scan_fd(self._fd, self._size, file_size, self._next_lsn, None, many=self._apply_many)
         self._size = stop.offset
         if stop.detail is not None:
             self._tail_problem(stop, file_size)
@@ -470,28 +470,35 @@ class Partition:
         os.ftruncate(self._fd, stop.offset)
         os.fsync(self._fd)
 
-    def _apply(self, record: Record, _offset: int = 0) -> None:
-        """Fold one record into the in-memory view (the log is known to obey the rules).
+    def _apply_many(self, records: Iterable[Record]) -> None:
+        """Fold records, in LSN order, into the in-memory view (the log obeys the rules).
 
-        Also the scan sink (``_offset`` unused). Hot: about 1 µs per record.
+        Hot (every scanned and appended record): locals hoisted, about 1 µs per record.
         """
-        kind = record.type
-        if kind is RecordType.ENTRY:
-            key = record.entry_id
-            if key not in self._entries:
-                self._entries[key] = tuple.__new__(EntryState, (record, None))
-                self._pending[key] = record
-        elif kind in OUTCOME_TYPES:
-            key = record.entry_id
-            state = self._entries.get(key)
-            if state is not None and state.outcome is None:
-                self._entries[key] = tuple.__new__(EntryState, (state.entry, record))
-                del self._pending[key]
-        elif kind is RecordType.CREDIT_USED and record.entry_id not in self._credit:
-            self._credit[record.entry_id] = record
-        if record.fencing_token > self._highest:
-            self._highest = record.fencing_token
-        self._next_lsn = record.lsn + 1
+        entries, pending, credit = self._entries, self._pending, self._credit
+        new, entry_type, credit_type, outcomes = tuple.__new__, RecordType.ENTRY, RecordType.CREDIT_USED, OUTCOME_TYPES
+        highest = self._highest
+        record = None
+        for record in records:
+            kind = record.type
+            if kind is entry_type:
+                key = record.entry_id
+                if key not in entries:
+                    entries[key] = new(EntryState, (record, None))
+                    pending[key] = record
+            elif kind in outcomes:
+                key = record.entry_id
+                state = entries.get(key)
+                if state is not None and state.outcome is None:
+                    entries[key] = new(EntryState, (state.entry, record))
+                    del pending[key]
+            elif kind is credit_type and record.entry_id not in credit:
+                credit[record.entry_id] = record
+            if record.fencing_token > highest:
+                highest = record.fencing_token
+        if record is not None:
+            self._highest = highest
+            self._next_lsn = record.lsn + 1
 
     def _remove_temp_files(self) -> None:
         """Leftovers of a crash during an atomic write (only ever created under the lock)."""
@@ -549,9 +556,7 @@ class Partition:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._write(data)
             self._size += len(data)
-            apply = self._apply
-            for record in records:
-                apply(record)
+            self._apply_many(records)
             return records
         finally:
             self._leave()

@@ -155,9 +155,12 @@ class ScanStop:
 
 
 def parse_records(
-    buf: bytes, base: int, expected_lsn: int, sink: Sink | None, *, final: bool
+    buf: bytes, base: int, expected_lsn: int, sink: Sink | list[Record] | None, *, final: bool
 ) -> tuple[int, int, str | None, bool, int]:
     """Parse ``buf`` (file bytes starting at file offset ``base``) from its start.
+
+    Good records go to ``sink``: called as ``sink(record, file_offset)``, or appended when it is
+    a list (the fastest), or not even built when it is None (a pure check).
 
     Returns ``(pos, next_lsn, detail, torn_candidate, need)``: ``pos`` is the buffer offset
     after the last good record; ``detail`` is None when parsing stopped without a problem
@@ -166,6 +169,8 @@ def parse_records(
     """
     unpack = HEADER.unpack_from
     new = tuple.__new__  # Record(...) without the NamedTuple's Python-level __new__
+    emit = sink.append if isinstance(sink, list) else None
+    call = None if isinstance(sink, list) else sink
     types = TYPE_BY_CODE
     view = memoryview(buf)
     size = len(buf)
@@ -207,8 +212,10 @@ def parse_records(
             entry_id = buf[start : start + eid_len].decode("utf-8")
         except UnicodeDecodeError:
             return pos, lsn_expected, "entry_id is not UTF-8", False, 0
-        if sink is not None:
-            sink(new(Record, (lsn, rtype, token, entry_id, buf[start + eid_len : end])), base + pos)
+        if emit is not None:
+            emit(new(Record, (lsn, rtype, token, entry_id, buf[start + eid_len : end])))
+        elif call is not None:
+            call(new(Record, (lsn, rtype, token, entry_id, buf[start + eid_len : end])), base + pos)
         lsn_expected += 1
         pos = end
 
@@ -220,12 +227,14 @@ def scan_fd(
     expected_lsn: int,
     sink: Sink | None,
     *,
+    many: Callable[[list[Record]], object] | None = None,
     chunk_bytes: int = SCAN_CHUNK_BYTES,
 ) -> ScanStop:
     """Scan records in file bytes ``[start, end)`` of ``fd`` with ``pread`` in large chunks.
 
-    Good records go to ``sink`` in order; the scan stops at ``end`` or at the first problem.
-    ``end`` is treated as end of file (a record crossing it is reported, not waited for).
+    Good records go, in order, to ``sink(record, offset)`` one by one, or to ``many(records)``
+    once per chunk (faster); the scan stops at ``end`` or at the first problem. ``end`` is
+    treated as end of file (a record crossing it is reported, not waited for).
     """
     pos = start
     lsn = expected_lsn
@@ -236,25 +245,15 @@ def scan_fd(
         if not buf:
             return ScanStop(pos, lsn, f"file ends at offset {pos}, before {end}", True)
         final = pos + len(buf) >= end or len(buf) < size
-        used, lsn, detail, torn, need = parse_records(buf, pos, lsn, sink, final=final)
+        out: list[Record] | None = [] if many is not None else None
+        used, lsn, detail, torn, need = parse_records(buf, pos, lsn, out if many is not None else sink, final=final)
+        if many is not None and out:
+            many(out)
         if detail is not None:
             return ScanStop(pos + used, lsn, detail, torn)
         pos += used
         want = need
     return ScanStop(pos, lsn)
-
-
-def is_zero(fd: int, start: int, end: int) -> bool:
-    """True when file bytes ``[start, end)`` are all zero."""
-    pos = start
-    while pos < end:
-        buf = os.pread(fd, min(SCAN_CHUNK_BYTES, end - pos), pos)
-        if not buf:
-            return True
-        if buf.count(0) != len(buf):
-            return False
-        pos += len(buf)
-    return True
 
 
 @lru_cache(maxsize=64)
@@ -333,16 +332,9 @@ def iter_fd(
             raise WalCorruption(path, pos, f"file ends at offset {pos}, before {end}")
         out: list[Record] = []
         final = pos + len(buf) >= end or len(buf) < size
-        used, lsn, detail, _torn, need = parse_records(buf, pos, lsn, _appender(out), final=final)
+        used, lsn, detail, _torn, need = parse_records(buf, pos, lsn, out, final=final)
         yield from out
         if detail is not None:
             raise WalCorruption(path, pos + used, detail)
         pos += used
         want = need
-
-
-def _appender(out: list[Record]) -> Sink:
-    def sink(record: Record, _offset: int) -> None:
-        out.append(record)
-
-    return sink
