@@ -1,15 +1,26 @@
-"""Billing tasks (DESIGN.md §3): thin adapters over :mod:`worker.pipeline`."""
+"""Billing tasks (DESIGN.md §3): thin adapters over :mod:`worker.pipeline`.
+
+``billing.process_entry`` takes one message per call by default. With ``BILLING_BATCH_SIZE`` > 1
+the same task name is served by a celery-batches task instead: the worker buffers up to that many
+messages (or ``BILLING_BATCH_FLUSH_MS``) and hands them to :meth:`Pipeline.process_batch` at once
+(one lease, one fsync, one pipelined credit trip per partition); each message still gets its own
+result, and an entry that must wait is re-sent on its own with the same task id.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from celery import Task
+from celery_batches import Batches, SimpleRequest
 
 from worker.app import app
 from worker.backoff import retry_delay
 from worker.errors import RetryLater, WalError
 from worker.runtime import get_runtime
+from worker.settings import get_settings
+
+TASK_NAME = "billing.process_entry"
 
 
 def _retry(task: Task[Any, Any], error: RetryLater) -> Exception:
@@ -18,8 +29,7 @@ def _retry(task: Task[Any, Any], error: RetryLater) -> Exception:
     return task.retry(countdown=delay, exc=error, max_retries=None)
 
 
-@app.task(name="billing.process_entry", bind=True, max_retries=None)
-def process_entry(self: Task[Any, Any], payload: Any) -> dict[str, Any]:
+def process_entry_one(self: Task[Any, Any], payload: Any) -> dict[str, Any]:
     """One settled payment → ``credited | no_credit | duplicate | deferred | cap_exceeded |
     rejected``. Never raises for a bad entry; STALE / busy / CORRUPT are retried (kept)."""
     try:
@@ -28,6 +38,42 @@ def process_entry(self: Task[Any, Any], payload: Any) -> dict[str, Any]:
         raise _retry(self, error) from None
     except (WalError, OSError) as error:  # the local log cannot take it now: keep the message
         raise _retry(self, RetryLater("error", str(error))) from None
+
+
+def process_entry_batch(requests: list[SimpleRequest]) -> None:
+    """The batch form: every request's result is stored as the single form would return it."""
+    runtime = get_runtime()
+    payloads = [request.args[0] if request.args else None for request in requests]
+    try:
+        results: list[Any] = runtime.pipeline.process_batch(payloads)
+    except (WalError, OSError) as error:
+        results = [RetryLater("error", str(error))] * len(requests)
+    for request, payload, result in zip(requests, payloads, results, strict=True):
+        if isinstance(result, RetryLater):
+            retries = int((request.request_dict or {}).get("retries") or 0)
+            app.send_task(
+                TASK_NAME,
+                args=[payload],
+                task_id=request.id,
+                countdown=retry_delay(result.kind, retries, runtime.settings.retry_max_s),
+                retries=retries + 1,
+                queue="billing",
+            )
+        else:
+            app.backend.mark_as_done(request.id, result.to_result(), request=request)
+
+
+_settings = get_settings()
+if _settings.batch_size > 1:
+    process_entry = app.task(  # type: ignore[no-untyped-call]  # celery-batches ships no types
+        name=TASK_NAME,
+        base=Batches,
+        flush_every=_settings.batch_size,
+        flush_interval=_settings.batch_flush_ms / 1000,
+        acks_late=True,
+    )(process_entry_batch)
+else:
+    process_entry = app.task(name=TASK_NAME, bind=True, max_retries=None)(process_entry_one)
 
 
 @app.task(name="billing.apply_credit", bind=True, max_retries=None)

@@ -66,6 +66,9 @@ def ledger(state: StateRedis, env_name: str) -> CreditLedger:
 
 pytest_plugins = ("celery.contrib.pytest",)
 
+#: Result-backend reconnect policy for test clients: give up at once on a server a test stopped.
+FAST_GIVE_UP = {"retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}}
+
 
 @pytest.fixture(scope="session")
 def broker_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -73,6 +76,17 @@ def broker_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     can kill the state Redis without stopping delivery."""
     server = RedisServer(tmp_path_factory.mktemp("redis-broker")).start()
     yield server
+    import gc
+
+    from worker.app import app
+
+    # Let pending AsyncResults unsubscribe and stop the result consumer's pub/sub while the server
+    # still answers; otherwise each one retries the vanished server for ~20 s at exit.
+    gc.collect()
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None:
+        consumer.stop()
+    app.close()
     server.stop()
 
 
@@ -115,6 +129,8 @@ def billing_env(
             "unacked_restore_throttle": 1,
             "polling_interval": 0.1,
         },
+        # an AsyncResult collected after its backend server was stopped must not retry for 20 s
+        result_backend_transport_options=FAST_GIVE_UP,
     )
     reset_runtime()
     yield values

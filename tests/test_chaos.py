@@ -45,8 +45,9 @@ def workers(tmp_path: Path, chaos_env: dict[str, str]) -> Iterator[Callable[[str
     started: list[CeleryProcess] = []
 
     def start(name: str, concurrency: int = 2) -> CeleryProcess:
+        env = dict(os.environ)  # as the test has set it (e.g. BILLING_BATCH_SIZE)
         process = CeleryProcess(
-            worker_args(concurrency=concurrency, name=name), env=chaos_env, log_path=tmp_path / f"{name}.log"
+            worker_args(concurrency=concurrency, name=name), env=env, log_path=tmp_path / f"{name}.log"
         ).start()
         started.append(process)
         from worker.app import app
@@ -92,11 +93,16 @@ def child_pids(pid: int) -> list[int]:
     return [int(c) for c in children]
 
 
+BATCH_MODES = pytest.mark.parametrize("batch_size", ["1", "50"], ids=["single", "batch50"])
+
+
+@BATCH_MODES
 def test_whole_worker_killed_mid_stream_is_redelivered_and_applied_once(
-    workers: Callable[..., CeleryProcess], observer: Runtime
+    workers: Callable[..., CeleryProcess], observer: Runtime, batch_size: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker.app import app
 
+    monkeypatch.setenv("BILLING_BATCH_SIZE", batch_size)
     payloads = sample_entries(300, wallets=30, prefix="kill-")
     payloads += [dict(p) for p in random.Random(1).sample(payloads, 30)]  # duplicate deliveries
     first = workers("first")
@@ -139,11 +145,13 @@ def test_pool_child_killed_mid_task_is_requeued_and_applied_once(
     print(f"pool-child kills: {killed}, {dict(report.outcomes)}")
 
 
+@BATCH_MODES
 def test_two_workers_2000_entries_with_duplicates_and_conflicts(
-    workers: Callable[..., CeleryProcess], observer: Runtime
+    workers: Callable[..., CeleryProcess], observer: Runtime, batch_size: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker.app import app
 
+    monkeypatch.setenv("BILLING_BATCH_SIZE", batch_size)
     rng = random.Random(5)
     originals = sample_entries(2000, wallets=50, prefix="load-")
     stream: list[dict[str, Any]] = list(originals)
@@ -167,7 +175,7 @@ def test_two_workers_2000_entries_with_duplicates_and_conflicts(
     assert statuses.get("rejected", 0) >= 1
     assert statuses["duplicate"] + statuses.get("rejected", 0) == 220
     assert report.rejected_records == statuses.get("rejected", 0)
-    print(f"2 workers: {len(stream)} deliveries in {elapsed:.1f}s, answers {statuses}")
+    print(f"2 workers, batch {batch_size}: {len(stream)} deliveries in {elapsed:.1f}s, answers {statuses}")
     print(f"2 workers: outcomes {dict(report.outcomes)}")
 
 
@@ -189,3 +197,32 @@ def test_entry_for_a_dead_worker_partition_is_not_lost(
     wait_until("all recorded", all_recorded(observer, expected), 120)
     report = final_report(observer, expected)
     assert report.balances[wallet] == 40 * 999
+
+
+def test_batch_mode_keeps_a_corrupt_fence_message_until_repaired(
+    workers: Callable[..., CeleryProcess], observer: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch consumer: a CORRUPT partition's entries are re-sent (same task id), never dropped;
+    other partitions' entries in the same batch go through."""
+    from worker import keys
+    from worker.app import app
+
+    monkeypatch.setenv("BILLING_BATCH_SIZE", "20")
+    corrupt_wallet = "0x" + "aa" * 20
+    n_corrupt = observer.store.partition_for_wallet(corrupt_wallet)
+    fine_wallet = next(
+        w for w in (f"0x{i:040x}" for i in range(1, 100)) if observer.store.partition_for_wallet(w) != n_corrupt
+    )
+    observer.state.client.set(keys.fence_watermark(observer.settings.env, n_corrupt), "1.5")
+    workers("batchy")
+    kept = [app.send_task("billing.process_entry", args=[entry(f"kept-{i}", corrupt_wallet, 50, 1)]) for i in range(5)]
+    fine = [app.send_task("billing.process_entry", args=[entry(f"fine-{i}", fine_wallet, 50, 1)]) for i in range(5)]
+    assert {r.get(timeout=60)["status"] for r in fine} == {"credited"}
+    assert not any(r.ready() for r in kept)
+    partition = observer.store.partition(n_corrupt)
+    with partition.locked():
+        assert partition.pending_count == 0 and partition.lookup("kept-0") is None
+        floor = partition.highest_token
+    observer.fencing.repair(n_corrupt, floor=floor)
+    assert {r.get(timeout=60)["status"] for r in kept} == {"credited"}
+    final_report(observer, {f"kept-{i}" for i in range(5)} | {f"fine-{i}" for i in range(5)})

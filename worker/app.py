@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker import metrics
 from worker.errors import ConfigError
@@ -38,9 +38,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
-        "worker_prefetch_multiplier": 1,
+        # one message per process, or a whole batch when the batch consumer is on
+        "worker_prefetch_multiplier": settings.batch_size,
         "task_default_queue": "billing",
-        "task_queues": (Queue("billing"), Queue("onboarding")),
+        # Each queue on its own exchange and key: a bare Queue("onboarding") would be bound to the
+        # default exchange "billing" with key "billing", so a message published to that exchange
+        # and key would be copied into onboarding too (Celery itself publishes via "" today).
+        "task_queues": (
+            Queue("billing", Exchange("billing", type="direct"), routing_key="billing"),
+            Queue("onboarding", Exchange("onboarding", type="direct"), routing_key="onboarding"),
+        ),
         "task_routes": {"billing.*": {"queue": "billing"}, "onboarding.*": {"queue": "onboarding"}},
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
@@ -74,11 +81,15 @@ app.conf.update(celery_config(_load_settings()))
 
 @worker_init.connect
 def _check_and_serve(**_: Any) -> None:
-    """In the worker's main process: refuse to start on a bad WAL (partition count), serve metrics."""
+    """In the worker's main process: refuse to start on a bad WAL (partition count), export the
+    backlog of every partition (0 included) and serve metrics."""
     from worker.runtime import build_runtime
 
     runtime = build_runtime(get_settings())
-    runtime.close()
+    try:
+        runtime.pipeline.report_backlog()
+    finally:
+        runtime.close()
     metrics.serve(get_settings().metrics_port)
 
 
