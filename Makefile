@@ -27,7 +27,9 @@ contract:
 	bash ../shared/contract/lua_contract.sh .
 
 bench: bootstrap
-	$(BIN)/python bench/wal_bench.py
+	@$(BIN)/python -c 'import psycopg' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install -q -e '.[bench]'
+	@if [ -f bench/wal_bench.py ]; then $(BIN)/python bench/wal_bench.py; else echo "bench/wal_bench.py missing: skipped"; fi
+	$(BIN)/python bench/e2e_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
