@@ -23,7 +23,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from tests.support.procs import client_app, free_port, http_get, log_tail, wait_for_port, worker_env
+from tests.support.procs import client_app, close_client, free_port, http_get, log_tail, wait_for_port, worker_env
 from tests.support.redis_server import RedisServer
 from tests.support.tls_redis import TlsRedis, tls_unavailable
 from worker.devstack import CeleryProcess, worker_args
@@ -141,7 +141,7 @@ def test_worker_with_acl_users_credits_and_leaks_no_password(
         assert_clean(body, "the metrics page")
     finally:
         worker.stop()
-        app.close()
+        close_client(app)
     text = log.read_text(errors="replace")
     assert "redis://celery:**@127.0.0.1" in text, "the log should show the broker URL (redacted)"
     assert "succeeded" in text  # INFO task lines, results included, were logged

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from worker.cli_wal import wal
+from worker.demo import demo
 from worker.errors import BillingError, RedisUnavailable
 from worker.settings import Settings, load_settings
 
@@ -104,6 +106,7 @@ def fence_show(partition: int | None) -> None:
     settings = settings_or_exit()
     runtime = runtime_or_exit(settings)
     table = Table("partition", "lease holder", "counter", "watermark", "WAL highest token", "pending")
+    table.columns[1].overflow = "fold"  # a holder id is 32 hex digits: never cut it short
     for n in partitions_of(settings, partition):
         raw = runtime.fencing.show(n)
         wal = runtime.store.partition(n)
@@ -150,7 +153,7 @@ def balance(wallet: str) -> None:
     try:
         normalised = normalise_wallet(wallet)
     except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="WALLET") from None
+        raise OperatorError(f"WALLET: {error}") from None
     from worker.credit import CreditLedger
     from worker.state_redis import StateRedis
 
@@ -169,6 +172,8 @@ def replay(partition: int | None) -> None:
     settings = settings_or_exit()
     runtime = runtime_or_exit(settings)
     parts = partitions_of(settings, partition)
+    # Replay swallows an outage per partition (it is a beat task); an operator must hear of it.
+    runtime.state.call(runtime.state.client.ping)
     table = Table("partition", "applied", "still pending", "note")
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("replaying", total=len(parts))
@@ -256,18 +261,8 @@ def enqueue(file: Path | None, sample: int | None, wait: bool) -> None:
     console.print(table)
 
 
-def _register_optional() -> None:
-    try:
-        from worker.cli_wal import wal
-    except ImportError:  # pragma: no cover - during development only
-        return
-    cli.add_command(wal)
-    from worker.demo import demo
-
-    cli.add_command(demo)
-
-
-_register_optional()
+cli.add_command(wal)
+cli.add_command(demo)
 
 
 def main() -> None:

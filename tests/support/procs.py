@@ -7,6 +7,7 @@ fails with a message that says what did not happen, with the tail of the process
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ __all__ = [
     "RABBIT_HOST",
     "RABBIT_PORT",
     "client_app",
+    "close_client",
     "free_port",
     "http_get",
     "kill_group",
@@ -45,17 +47,26 @@ RABBIT_PORT = 5672
 
 
 def wait_until(
-    predicate: Callable[[], Any], *, timeout_s: float, what: str, every_s: float = 0.05, log: Path | None = None
+    predicate: Callable[[], Any],
+    *,
+    timeout_s: float,
+    what: str,
+    every_s: float = 0.05,
+    log: Path | None = None,
+    detail: Callable[[], str] | None = None,
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout_s``."""
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout_s``
+    with ``detail()`` and the tail of ``log`` in the message."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            detail = f"\n--- {log} ---\n{log_tail(log)}" if log is not None else ""
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}{detail}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            if log is not None:
+                extra += f"\n--- {log} ---\n{log_tail(log)}"
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}{extra}")
         time.sleep(every_s)
 
 
@@ -145,8 +156,20 @@ def client_app(broker_url: str, result_backend: str) -> Celery:
     app = Celery(f"client-{uuid.uuid4().hex[:8]}", set_as_current=False)
     config = celery_config(settings)
     config.pop("beat_schedule")
+    # An AsyncResult collected after its backend server stopped gives up at once, not after ~20 s.
+    config["result_backend_transport_options"] = {
+        "retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.05}
+    }
     app.conf.update(config)
     return app
+
+
+def close_client(app: Celery) -> None:
+    """Close a client app while its result backend still runs. AsyncResult objects sit in
+    reference cycles; collected after the backend stopped, each ``__del__`` would retry the
+    result store for many seconds (and hang the session's end)."""
+    gc.collect()
+    app.close()
 
 
 def require_rabbitmq() -> None:
