@@ -37,8 +37,9 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+@pytest.fixture(params=["1", "4"], ids=["single", "batch4"])
+def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A prefork worker (2 children) taking one message at a time, or batches of up to 4."""
     state = RedisServer(tmp_path / "state", password=PASSWORD).start()
     broker = RedisServer(tmp_path / "broker").start()
     port = free_port()
@@ -48,6 +49,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         broker_url=broker.url,
         result_backend=broker.url.replace("/0", "/1"),
         env_name="metrics",
+        BILLING_BATCH_SIZE=request.param,
         metrics_port=port,
         # Not created beforehand: worker.metrics creates it (README's "Running it for real" does not).
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom-not-yet"),
