@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import make_state
@@ -10,7 +13,7 @@ from worker import keys
 from worker.errors import LeaseBusy, LeaseNotOwnedError, TokenOverflow
 from worker.fencing import FenceResult, Fencing, Lease
 from worker.limits import MAX_SAFE_INTEGER
-from worker.state_redis import StateRedis
+from worker.state_redis import StateRedis, connect
 
 CORRUPT_SPELLINGS = ["nan", "1.5", "-1", "", "1e3", " 5", "9007199254740992", "inf", "0x10", "007", "\uff15"]
 
@@ -265,3 +268,20 @@ def test_restarted_redis_reconnects(private_redis: RedisServer) -> None:
 def _evalsha_calls(server: RedisServer) -> int:
     stats = server.client().info("commandstats")
     return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_wrong_password_fails_open_but_is_logged_as_a_configuration_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(tmp_path / "auth", password="right-secret").start()
+    try:
+        state = StateRedis(
+            connect(f"redis://:wrong-secret@127.0.0.1:{server.port}/0", timeout_ms=300), label="state redis"
+        )
+        fencing = Fencing(state, env="auth", lease_ttl_ms=10_000)
+        with caplog.at_level(logging.CRITICAL, logger="worker.state_redis"):
+            assert fencing.validate_token(0, 1) is FenceResult.UNAVAILABLE
+        assert "authentication failed" in caplog.text
+        assert "secret" not in caplog.text
+    finally:
+        server.stop()

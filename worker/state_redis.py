@@ -107,6 +107,10 @@ class StateRedis:
                 self.breaker.record_failure()
             cause = error.last_attempt.exception()
             kind = type(cause).__name__ if cause is not None else "error"
+            if isinstance(cause, redis.exceptions.AuthenticationError):
+                # redis-py files a refused password under ConnectionError: we still fail open
+                # (nothing is lost), but this is a configuration error, not an outage.
+                log.critical("%s: authentication failed; check the credentials in BILLING_REDIS_URL", self._label)
             raise RedisUnavailable(f"{self._label}: {kind}") from None
         except redis.exceptions.ResponseError as error:
             if self.breaker is not None:
