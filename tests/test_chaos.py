@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.procs import wait_until
 from worker.devstack import CeleryProcess, worker_args
 from worker.invariants import check_invariants
 from worker.runtime import Runtime, build_runtime
@@ -26,12 +27,6 @@ from worker.settings import load_settings
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 
-def wait_until(what: str, predicate: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def workers(tmp_path: Path, chaos_env: dict[str, str]) -> Iterator[Callable[[str
                 return False
             return any(host.startswith(f"{name}@") for reply in replies for host in reply)
 
-        wait_until(f"worker {name}", answers_ping, 60)
+        wait_until(answers_ping, timeout_s=60, what=f"worker {name}")
         return process
 
     yield start
@@ -115,13 +110,13 @@ def test_whole_worker_killed_mid_stream_is_redelivered_and_applied_once(
     payloads += [dict(p) for p in random.Random(1).sample(payloads, 30)]  # duplicate deliveries
     first = workers("first")
     results = [app.send_task("billing.process_entry", args=[p]) for p in payloads]
-    wait_until("some results", lambda: sum(r.ready() for r in results) >= 60, 60)
+    wait_until(lambda: sum(r.ready() for r in results) >= 60, timeout_s=60, what="some results")
     first.kill(signal.SIGKILL)  # the main process and its pool children, mid-stream
     done_at_kill = sum(r.ready() for r in results)
     assert done_at_kill < len(payloads), "the kill must land while work is in flight"
     workers("second")
     expected = {p["entry_id"] for p in payloads}
-    wait_until("every entry recorded with an outcome", all_recorded(observer, expected), 120)
+    wait_until(all_recorded(observer, expected), timeout_s=120, what="every entry recorded with an outcome")
     answers = [r.get(timeout=120) for r in results]
     report = final_report(observer, expected)
     statuses = {a["status"] for a in answers}
@@ -140,7 +135,7 @@ def test_pool_child_killed_mid_task_is_requeued_and_applied_once(
     results = [app.send_task("billing.process_entry", args=[p]) for p in payloads]
     killed = 0
     for threshold in (40, 120, 200):
-        wait_until(f"{threshold} results", lambda t=threshold: sum(r.ready() for r in results) >= t, 60)
+        wait_until(lambda t=threshold: sum(r.ready() for r in results) >= t, timeout_s=60, what=f"{threshold} results")
         if sum(r.ready() for r in results) >= len(payloads):
             break
         victims = child_pids(worker.process.pid)
@@ -148,7 +143,7 @@ def test_pool_child_killed_mid_task_is_requeued_and_applied_once(
         killed += 1
     assert killed >= 1
     expected = {p["entry_id"] for p in payloads}
-    wait_until("every entry recorded with an outcome", all_recorded(observer, expected), 120)
+    wait_until(all_recorded(observer, expected), timeout_s=120, what="every entry recorded with an outcome")
     report = final_report(observer, expected)
     print(f"pool-child kills: {killed}, {dict(report.outcomes)}")
 
@@ -198,11 +193,11 @@ def test_entry_for_a_dead_worker_partition_is_not_lost(
     payloads = [entry(f"lease-{i}", wallet, 1_000, 1) for i in range(40)]
     first = workers("lease-a", concurrency=1)
     results = [app.send_task("billing.process_entry", args=[p]) for p in payloads]
-    wait_until("a few results", lambda: sum(r.ready() for r in results) >= 5, 60)
+    wait_until(lambda: sum(r.ready() for r in results) >= 5, timeout_s=60, what="a few results")
     first.kill(signal.SIGKILL)
     workers("lease-b", concurrency=1)
     expected = {p["entry_id"] for p in payloads}
-    wait_until("all recorded", all_recorded(observer, expected), 120)
+    wait_until(all_recorded(observer, expected), timeout_s=120, what="all recorded")
     report = final_report(observer, expected)
     assert report.balances[wallet] == 40 * 999
 

@@ -7,7 +7,6 @@ the WAL exactly once with one outcome, nothing pending, balances equal the WAL, 
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.errors import RetryLater, StaleTokenError
@@ -25,15 +25,6 @@ from worker.runtime import Runtime, build_runtime, get_runtime, reset_runtime
 from worker.samples import entry, sample_entries, wallet_address
 from worker.settings import load_settings
 from worker.wal import RecordType
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Poll a condition (an event we cannot subscribe to) with a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def send_all(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,7 +92,7 @@ def test_redis_paused_then_killed_then_restarted_replays_exactly_once(aof_redis:
         applied.append(sum(r["applied"] for r in reports))
         return sum(r["remaining"] for r in reports) == 0
 
-    wait_until("replay to drain the backlog", replay_drained)
+    wait_until(replay_drained, timeout_s=30, what="replay to drain the backlog")
     assert sum(applied) == 30
     # a further replay finds nothing: exactly once
     assert sum(r["applied"] for r in app.send_task("billing.replay_pending").get(timeout=60)) == 0
@@ -161,7 +152,7 @@ def test_corrupt_watermark_fails_closed_keeps_the_message_and_repair_lets_it_thr
     n = rt.store.partition_for_wallet(wallet_address(3))
     rt.state.client.set(keys.fence_watermark(rt.settings.env, n), "nan")
     async_result: AsyncResult[Any] = app.send_task("billing.process_entry", args=[payload])
-    wait_until("the task to be retried", lambda: async_result.state == "RETRY")
+    wait_until(lambda: async_result.state == "RETRY", timeout_s=30, what="the task to be retried")
     partition = rt.store.partition(n)
     with partition.locked():
         assert partition.lookup("kept-1") is None, "nothing may be appended while CORRUPT"
