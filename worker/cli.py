@@ -18,22 +18,17 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from worker.cli_support import OperatorError, settings_or_exit
 from worker.cli_wal import wal
 from worker.demo import demo
 from worker.errors import BillingError, RedisUnavailable
-from worker.settings import Settings, load_settings
+from worker.settings import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 console = Console()
 err_console = Console(stderr=True)
-
-
-class OperatorError(click.ClickException):
-    """A one-line error with exit code 2."""
-
-    exit_code = 2
 
 
 def operator_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -49,13 +44,6 @@ def operator_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise OperatorError(str(error)) from None
 
     return wrapper
-
-
-def settings_or_exit() -> Settings:
-    try:
-        return load_settings()
-    except BillingError as error:
-        raise OperatorError(str(error)) from None
 
 
 def partitions_of(settings: Settings, partition: int | None) -> list[int]:

@@ -20,8 +20,9 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from worker.errors import ConfigError, WalCorruption, WalError
-from worker.settings import Settings, load_settings
+from worker.cli_support import OperatorError, settings_or_exit
+from worker.errors import WalCorruption, WalError
+from worker.settings import Settings
 from worker.wal import (
     Partition,
     Record,
@@ -35,40 +36,27 @@ from worker.wal import (
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 
 
-class UsageFailure(click.ClickException):
-    """A one-line error with exit code 2 (bad argument, bad configuration, missing WAL)."""
-
-    exit_code = 2
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as error:
-        raise UsageFailure(str(error)) from None
-
-
 def _partitions(settings: Settings, partition: int | None) -> list[int]:
     """The partition numbers to act on; exit 2 when the WAL or the partition does not exist."""
     env_dir = settings.env_wal_dir
     if not env_dir.is_dir():
-        raise UsageFailure(
+        raise OperatorError(
             f"no WAL directory {env_dir} (BILLING_WAL_DIR={settings.wal_dir}, BILLING_ENV={settings.env})"
         )
     try:
         recorded = read_partition_count(env_dir)
     except WalCorruption as error:
-        raise UsageFailure(str(error)) from None
+        raise OperatorError(str(error)) from None
     count = settings.partitions
     if recorded is not None and recorded != count:
-        raise UsageFailure(
+        raise OperatorError(
             f"BILLING_PARTITIONS: the WAL at {env_dir} records {recorded} partitions but "
             f"{count} were given; the partition count is fixed once used"
         )
     if partition is None:
         return list(range(count))
     if not 0 <= partition < count:
-        raise UsageFailure(f"--partition {partition}: not in 0..{count - 1}")
+        raise OperatorError(f"--partition {partition}: not in 0..{count - 1}")
     return [partition]
 
 
@@ -105,7 +93,7 @@ def verify(partition: int | None, progress: bool | None) -> None:
     A torn tail at the end of a newest segment is reported but not a failure (opening the
     partition truncates it; it is also what an append in flight looks like).
     """
-    settings = _settings()
+    settings = settings_or_exit()
     numbers = _partitions(settings, partition)
     paths = {n: settings.env_wal_dir / _label(n) for n in numbers}
     total = sum(partition_bytes(path) for path in paths.values())
@@ -142,7 +130,7 @@ def verify(partition: int | None, progress: bool | None) -> None:
 def _open(settings: Settings, number: int) -> Iterator[Partition]:
     path = settings.env_wal_dir / _label(number)
     if not path.is_dir():
-        raise UsageFailure(f"{_label(number)}: no partition directory {path}")
+        raise OperatorError(f"{_label(number)}: no partition directory {path}")
     try:
         handle = Partition.open(path, read_only=True, number=number)
     except WalCorruption as error:
@@ -178,7 +166,7 @@ def _emit(number: int, records: Iterable[Record], as_json: bool, limit: int | No
 @json_option
 def inspect(partition: int | None, from_lsn: int, limit: int | None, as_json: bool) -> None:
     """Print records (partition, LSN, type, token, entry_id, body), tab-separated."""
-    settings = _settings()
+    settings = settings_or_exit()
     for number in _partitions(settings, partition):
         with _open(settings, number) as handle:
             try:
@@ -192,7 +180,7 @@ def inspect(partition: int | None, from_lsn: int, limit: int | None, as_json: bo
 @json_option
 def pending(partition: int | None, as_json: bool) -> None:
     """Print ENTRY records that have no outcome yet (what replay will apply)."""
-    settings = _settings()
+    settings = settings_or_exit()
     total = 0
     for number in _partitions(settings, partition):
         with _open(settings, number) as handle:
@@ -205,7 +193,7 @@ def pending(partition: int | None, as_json: bool) -> None:
 @json_option
 def rejected(partition: int | None, as_json: bool) -> None:
     """Print REJECTED records (raw payload and reason in the body)."""
-    settings = _settings()
+    settings = settings_or_exit()
     total = 0
     for number in _partitions(settings, partition):
         with _open(settings, number) as handle:
