@@ -9,18 +9,23 @@ result, and an entry that must wait is re-sent on its own with the same task id.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 from celery import Task
-from celery_batches import Batches, SimpleRequest
+from celery_batches import SimpleRequest
 
 from worker.app import app
 from worker.backoff import retry_delay
+from worker.batch_consumer import TASK_FAILED, TASK_RETRIED, TASK_SUCCEEDED, EagerBatches
 from worker.errors import RetryLater, WalError
 from worker.runtime import get_runtime
 from worker.settings import get_settings
 
 TASK_NAME = "billing.process_entry"
+
+log = logging.getLogger(__name__)
 
 
 def _retry(task: Task[Any, Any], error: RetryLater) -> Exception:
@@ -40,34 +45,50 @@ def process_entry_one(self: Task[Any, Any], payload: Any) -> dict[str, Any]:
         raise _retry(self, RetryLater("error", str(error))) from None
 
 
-def process_entry_batch(requests: list[SimpleRequest]) -> None:
-    """The batch form: every request's result is stored as the single form would return it."""
+def process_entry_batch(requests: list[SimpleRequest]) -> list[str]:
+    """The batch form: every request's result is stored as the single form would return it.
+
+    Returns each request's task event (``task-succeeded`` / ``task-retried`` / ``task-failed``),
+    which :class:`~worker.batch_consumer.EagerBatches` sends from the consumer, as Celery does.
+    """
     runtime = get_runtime()
     payloads = [request.args[0] if request.args else None for request in requests]
+    events: list[str] = []
     try:
-        results: list[Any] = runtime.pipeline.process_batch(payloads)
-    except (WalError, OSError) as error:
-        results = [RetryLater("error", str(error))] * len(requests)
-    for request, payload, result in zip(requests, payloads, results, strict=True):
-        if isinstance(result, RetryLater):
-            retries = int((request.request_dict or {}).get("retries") or 0)
-            app.send_task(
-                TASK_NAME,
-                args=[payload],
-                task_id=request.id,
-                countdown=retry_delay(result.kind, retries, runtime.settings.retry_max_s),
-                retries=retries + 1,
-                queue="billing",
-            )
-        else:
-            app.backend.mark_as_done(request.id, result.to_result(), request=request)
+        try:
+            results: list[Any] = runtime.pipeline.process_batch(payloads)
+        except (WalError, OSError) as error:  # the local log cannot take them now: keep them
+            results = [RetryLater("error", str(error))] * len(requests)
+        for request, payload, result in zip(requests, payloads, results, strict=True):
+            if isinstance(result, RetryLater):
+                retries = int((request.request_dict or {}).get("retries") or 0)
+                app.send_task(
+                    TASK_NAME,
+                    args=[payload],
+                    task_id=request.id,
+                    countdown=retry_delay(result.kind, retries, runtime.settings.retry_max_s),
+                    retries=retries + 1,
+                    queue="billing",
+                )
+                events.append(TASK_RETRIED)
+            else:
+                app.backend.mark_as_done(request.id, result.to_result(), request=request)
+                events.append(TASK_SUCCEEDED)
+    except Exception as error:  # a bug or the result backend gone: as a single task, FAILURE
+        log.exception("batch of %d failed after %d results", len(requests), len(events))
+        for request in requests[len(events) :]:
+            with contextlib.suppress(Exception):
+                app.backend.mark_as_failure(request.id, error, request=request)
+        events += [TASK_FAILED] * (len(requests) - len(events))
+    return events
 
 
 _settings = get_settings()
+process_entry: Task[Any, Any]
 if _settings.batch_size > 1:
-    process_entry = app.task(  # type: ignore[no-untyped-call]  # celery-batches ships no types
+    process_entry = app.task(
         name=TASK_NAME,
-        base=Batches,
+        base=EagerBatches,
         flush_every=_settings.batch_size,
         flush_interval=_settings.batch_flush_ms / 1000,
         acks_late=True,
