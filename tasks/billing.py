@@ -62,6 +62,7 @@ def process_entry_batch(requests: list[SimpleRequest]) -> list[str]:
         for request, payload, result in zip(requests, payloads, results, strict=True):
             if isinstance(result, RetryLater):
                 retries = int((request.request_dict or {}).get("retries") or 0)
+                app.backend.mark_as_retry(request.id, result, request=request)  # as Task.retry does
                 app.send_task(
                     TASK_NAME,
                     args=[payload],
@@ -83,18 +84,25 @@ def process_entry_batch(requests: list[SimpleRequest]) -> list[str]:
     return events
 
 
-_settings = get_settings()
-process_entry: Task[Any, Any]
-if _settings.batch_size > 1:
-    process_entry = app.task(
-        name=TASK_NAME,
-        base=EagerBatches,
-        flush_every=_settings.batch_size,
-        flush_interval=_settings.batch_flush_ms / 1000,
-        acks_late=True,
-    )(process_entry_batch)
-else:
-    process_entry = app.task(name=TASK_NAME, bind=True, max_retries=None)(process_entry_one)
+def register_process_entry(batch_size: int, batch_flush_ms: int) -> Task[Any, Any]:
+    """Register ``billing.process_entry`` in its single (``batch_size`` 1) or batch form,
+    replacing any earlier registration; a worker builds its consumers from what is registered
+    when it starts. Called once below from the settings (and by tests, to run both forms)."""
+    app.tasks.pop(TASK_NAME, None)
+    if batch_size > 1:
+        task: Task[Any, Any] = app.task(
+            name=TASK_NAME,
+            base=EagerBatches,
+            flush_every=batch_size,
+            flush_interval=batch_flush_ms / 1000,
+            acks_late=True,
+        )(process_entry_batch)
+    else:
+        task = app.task(name=TASK_NAME, bind=True, max_retries=None)(process_entry_one)
+    return task
+
+
+process_entry = register_process_entry(get_settings().batch_size, get_settings().batch_flush_ms)
 
 
 @app.task(name="billing.apply_credit", bind=True, max_retries=None)

@@ -137,20 +137,37 @@ def billing_env(
     reset_runtime()
 
 
-@pytest.fixture
-def celery_worker_inproc(billing_env: dict[str, str]) -> Iterator[object]:
-    """A real Celery worker consuming `billing` and `onboarding` in this process (solo pool)."""
+#: The two forms of billing.process_entry every in-process worker test runs against.
+CONSUMER_MODES = {"single": 1, "batch": 50}
+
+
+@pytest.fixture(params=list(CONSUMER_MODES))
+def celery_worker_inproc(
+    request: pytest.FixtureRequest, billing_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[object]:
+    """A real Celery worker consuming `billing` and `onboarding` in this process (solo pool), once
+    with billing.process_entry in its single form and once as the batch consumer."""
     from celery.contrib.testing.worker import start_worker
 
+    from tasks.billing import register_process_entry
     from worker.app import app
 
-    with start_worker(
-        app,
-        pool="solo",
-        concurrency=1,
-        queues=["billing", "onboarding"],
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=10,
-    ) as worker:
-        yield worker
+    batch_size = CONSUMER_MODES[request.param]
+    monkeypatch.setenv("BILLING_BATCH_SIZE", str(batch_size))
+    register_process_entry(batch_size, 20)
+    prefetch = app.conf.worker_prefetch_multiplier
+    app.conf.worker_prefetch_multiplier = batch_size
+    try:
+        with start_worker(
+            app,
+            pool="solo",
+            concurrency=1,
+            queues=["billing", "onboarding"],
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=10,
+        ) as worker:
+            yield worker
+    finally:
+        app.conf.worker_prefetch_multiplier = prefetch
+        register_process_entry(1, 20)

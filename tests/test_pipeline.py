@@ -172,6 +172,6 @@ def test_reliability_settings_of_the_app() -> None:
     conf = app.conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
-    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_prefetch_multiplier == runtime().settings.batch_size  # 1, or a whole batch
     assert conf.accept_content == ["json"]
     assert runtime().settings.retry_max_s < conf.broker_transport_options["visibility_timeout"]
