@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.utils.log import get_task_logger
 from celery_batches import SimpleRequest
 
 from worker.app import app
@@ -25,7 +26,7 @@ from worker.settings import get_settings
 
 TASK_NAME = "billing.process_entry"
 
-log = logging.getLogger(__name__)
+log = get_task_logger(__name__)
 
 
 def _retry(task: Task[Any, Any], error: RetryLater) -> Exception:
@@ -73,8 +74,11 @@ def process_entry_batch(requests: list[SimpleRequest]) -> list[str]:
                 )
                 events.append(TASK_RETRIED)
             else:
-                app.backend.mark_as_done(request.id, result.to_result(), request=request)
+                answer = result.to_result()
+                app.backend.mark_as_done(request.id, answer, request=request)
                 events.append(TASK_SUCCEEDED)
+                if log.isEnabledFor(logging.INFO):  # the line Celery logs for a single task
+                    log.info("Task %s[%s] succeeded in a batch of %d: %r", TASK_NAME, request.id, len(requests), answer)
     except Exception as error:  # a bug or the result backend gone: as a single task, FAILURE
         log.exception("batch of %d failed after %d results", len(requests), len(events))
         for request in requests[len(events) :]:

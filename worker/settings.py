@@ -70,9 +70,10 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(default=3, ge=1, le=1000)
     #: How long the breaker stays open before a half-open probe, milliseconds.
     breaker_reset_ms: int = Field(default=2_000, ge=10, le=600_000)
-    #: Messages a worker process hands to the pipeline at once (1: one task per message).
-    batch_size: int = Field(default=1, ge=1, le=10_000)
-    #: Longest wait to fill a batch, milliseconds (only with ``batch_size`` > 1).
+    #: Most messages a pool process hands to the pipeline at once (1: one task per message). A
+    #: message is handed over at once when a process is idle; batches form only under load.
+    batch_size: int = Field(default=50, ge=1, le=10_000)
+    #: Backstop timer of the batch consumer, milliseconds (only with ``batch_size`` > 1).
     batch_flush_ms: int = Field(default=20, ge=1, le=60_000)
 
     @field_validator("redis_url", "broker_url", "result_backend")
