@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.errors import RetryLater
@@ -326,3 +328,39 @@ def test_enqueue_bad_input_is_exit_2(tmp_path: Path, cli_env: dict[str, str]) ->
     assert neither.exit_code == 2 and "give either FILE or --sample N" in neither.output
     assert run("enqueue", "--sample", "0").exit_code == 2
     assert run("enqueue", str(tmp_path / "missing.jsonl")).exit_code == 2
+
+
+def test_enqueue_resends_the_entries_a_broker_dropped(billing_env: dict[str, str], broker_redis: RedisServer) -> None:
+    """No worker yet, so the messages wait in the broker; there they are dropped (as kombu's Redis
+    transport can drop one on a whole-worker SIGKILL). Then a worker starts: enqueue's next round
+    sends the entries again, and each is applied exactly once."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.app import app
+    from worker.invariants import check_invariants
+    from worker.runtime import get_runtime
+    from worker.samples import sample_entries
+
+    outcome: dict[str, Result] = {}
+    upstream = threading.Thread(
+        target=lambda: outcome.update(result=run("enqueue", "--sample", "6", "--timeout", "5", "--resend", "3"))
+    )
+    upstream.start()
+    broker = broker_redis.client(0)
+    wait_until(lambda: broker.llen("billing") == 6, timeout_s=30, what="6 messages in the broker")
+    assert broker.delete("billing") == 1  # the broker lost them
+    with start_worker(app, pool="solo", queues=["billing"], perform_ping_check=False, loglevel="WARNING"):
+        upstream.join(timeout=90)
+    assert not upstream.is_alive()
+    result = outcome["result"]
+    assert result.exit_code == 0, result.output
+    assert "re-sent 6 entries" in result.output or "re-sent 12 entries" in result.output
+    counts = status_counts(result.output)
+    assert sum(counts.values()) == 6 and set(counts) <= {"credited", "no_credit", "duplicate"}
+    rt = get_runtime()
+    expected = {p["entry_id"] for p in sample_entries(6)}
+    report = check_invariants(
+        rt.store, rt.state, env=rt.settings.env, cap=rt.settings.max_credit_balance, expected_entry_ids=expected
+    )
+    assert report.problems == [] and report.entries == 6 and report.pending == 0
+    gc.collect()

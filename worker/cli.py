@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -222,9 +223,28 @@ def _read_payloads(path: Path) -> Iterator[Any]:
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Send N generated sample entries.")
 @click.option("--wait/--no-wait", default=True, help="Wait for and summarise the results.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the results of one sending round.",
+)
+@click.option(
+    "--resend",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Rounds of re-sending entries that got no result (same entry: safe, at most a duplicate).",
+)
 @operator_errors
-def enqueue(file: Path | None, sample: int | None, wait: bool) -> None:
-    """Act as an upstream service: send billing.process_entry tasks from FILE or --sample N."""
+def enqueue(file: Path | None, sample: int | None, wait: bool, timeout: float, resend: int) -> None:
+    """Act as an upstream service: send billing.process_entry tasks from FILE or --sample N.
+
+    An entry whose result does not come within --timeout is sent again, as upstream should: a
+    broker can drop a message (README: "Broker choice"), and the same entry_id is never applied
+    twice. Exit code 1 when some entries still have no result after the last round.
+    """
     from collections import Counter
 
     from worker.app import app
@@ -233,20 +253,42 @@ def enqueue(file: Path | None, sample: int | None, wait: bool) -> None:
     if (file is None) == (sample is None):
         raise click.UsageError("give either FILE or --sample N")
     payloads = list(_read_payloads(file)) if file is not None else sample_entries(sample or 0)
-    results = [app.send_task("billing.process_entry", args=[p], queue="billing") for p in payloads]
-    err_console.print(f"sent {len(results)} entries")
+
+    def send(indexes: list[int]) -> dict[int, Any]:
+        return {i: app.send_task("billing.process_entry", args=[payloads[i]], queue="billing") for i in indexes}
+
+    waiting = send(list(range(len(payloads))))
+    err_console.print(f"sent {len(payloads)} entries")
     if not wait:
         return
     counts: Counter[str] = Counter()
+    resent = 0
     with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("waiting for results", total=len(results))
-        for result in results:
-            counts[result.get(timeout=120)["status"]] += 1
-            progress.advance(task)
+        task = progress.add_task("waiting for results", total=len(payloads))
+        for round_no in range(resend + 1):
+            deadline = time.monotonic() + timeout
+            while waiting and time.monotonic() < deadline:
+                ready = [i for i, result in waiting.items() if result.ready()]
+                for i in ready:
+                    counts[waiting.pop(i).get(timeout=10)["status"]] += 1
+                progress.update(task, completed=len(payloads) - len(waiting))
+                if waiting and not ready:
+                    time.sleep(0.05)
+            if not waiting or round_no == resend:
+                break
+            resent += len(waiting)
+            err_console.print(f"no result within {timeout:g} s for {len(waiting)} entries: sending them again")
+            waiting = send(sorted(waiting))
     table = Table("status", "entries")
     for status, count in sorted(counts.items()):
         table.add_row(status, str(count))
     console.print(table)
+    if resent:
+        err_console.print(f"re-sent {resent} entries")
+    if waiting:
+        missing = ", ".join(str(payloads[i].get("entry_id", i)) for i in sorted(waiting)[:20])
+        err_console.print(f"[red]{len(waiting)} entries have no result[/red] after {resend + 1} rounds: {missing}")
+        raise SystemExit(1)
 
 
 cli.add_command(wal)
