@@ -518,8 +518,10 @@ class Bench:
 
 def micro_redis(state_url: str, *, seq_n: int, pipe_n: int, rounds: int, batch: int = 500) -> dict[str, list[float]]:
     """credit_issue EVALSHA vs INCRBY calls/s on one client: sequential round trips and pipelined
-    (batches of ``batch`` like ``CreditLedger.issue_many``). Arguments are built before timing."""
+    (batches of ``batch``: packed by ``worker.redis_pipe`` like ``CreditLedger.issue_many``, and
+    through redis-py's ``Pipeline`` as before). Arguments are built before timing."""
     from worker import keys
+    from worker.redis_pipe import evalsha_many
     from worker.scripts import Scripts
     from worker.state_redis import connect
 
@@ -572,6 +574,13 @@ def micro_redis(state_url: str, *, seq_n: int, pipe_n: int, rounds: int, batch: 
             pipe.execute()
         return n / (time.perf_counter() - start)
 
+    def evalsha_packed(n: int) -> float:
+        work = [(*call_keys, *call_args) for call_keys, call_args in calls(n)]
+        start = time.perf_counter()
+        for lo in range(0, n, batch):
+            evalsha_many(client, script, 2, work[lo : lo + batch])
+        return n / (time.perf_counter() - start)
+
     def incrby_pipe(n: int) -> float:
         work = calls(n)
         start = time.perf_counter()
@@ -585,7 +594,9 @@ def micro_redis(state_url: str, *, seq_n: int, pipe_n: int, rounds: int, batch: 
     benches: dict[str, tuple[Callable[[int], float], int]] = {
         "credit_issue EVALSHA, sequential": (evalsha_seq, seq_n),
         "INCRBY, sequential": (incrby_seq, seq_n),
-        f"credit_issue EVALSHA, pipelined x{batch}": (evalsha_pipe, pipe_n),
+        # the first "credit_issue EVALSHA, pipe…" is the replay ceiling: the path replay uses
+        f"credit_issue EVALSHA, pipelined x{batch} (worker.redis_pipe)": (evalsha_packed, pipe_n),
+        f"credit_issue EVALSHA via redis-py Pipeline x{batch}": (evalsha_pipe, pipe_n),
         f"INCRBY, pipelined x{batch}": (incrby_pipe, pipe_n),
     }
     script(keys=["micro:warm", "micro:warm:n"], args=["1", "10", "10", "{}"])  # load the script
@@ -719,8 +730,10 @@ def summarize_cprofile(profiler: cProfile.Profile, top: int = 14) -> tuple[str, 
             add("fdatasync (outcome batches)", tottime, calls)
         elif "socket" in where and ("recv" in func or "send" in func):
             add("socket send/recv (Redis pipeline round trips, server time included)", tottime, calls)
+        elif "worker/redis_pipe" in filename or "pack_command" in func:
+            add("worker.redis_pipe: packing (hiredis.pack_command), reading replies", tottime, calls)
         elif "redis" in filename or "hiredis" in func:
-            add("redis-py client: command packing, reply parsing", tottime, calls)
+            add("redis-py client: connection, reply parsing", tottime, calls)
         elif func in ("<built-in method _json.scanstring>", "<method 'decode' of 'json.decoder.JSONDecoder'>") or (
             "json" in filename and "decoder" in filename
         ):
@@ -1095,6 +1108,7 @@ def machine_info(pg: PgDatabase | None) -> dict[str, str]:
         "psql": cmd("psql", "--version"),
         "celery": celery.__version__,
         "redis-py": redis_py.__version__,
+        "BILLING_BATCH_SIZE (worker)": os.environ.get("BILLING_BATCH_SIZE", "unset: the default, 50"),
     }
     with contextlib.suppress(Exception):
         import psycopg

@@ -9,14 +9,17 @@ values, not exceptions: an unreachable Redis is ``UNAVAILABLE``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
+
+from redis.exceptions import ResponseError
 
 from worker import keys
 from worker.errors import InvalidAmount, RedisUnavailable
 from worker.limits import MAX_SAFE_INTEGER, is_safe_int, parse_canonical
+from worker.redis_pipe import SentCalls, evalsha_many
 from worker.state_redis import StateRedis
 
 
@@ -29,10 +32,10 @@ class CreditOutcome(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(frozen=True)
-class CreditResult:
+class CreditResult(NamedTuple):
     """Outcome of one issuance. ``balance`` is the balance after it (APPLIED) or as found
-    (DUPLICATE, CAP_EXCEEDED); ``None`` when unknown. ``raw`` holds a CORRUPT stored value."""
+    (DUPLICATE, CAP_EXCEEDED); ``None`` when unknown. ``raw`` holds a CORRUPT stored value.
+    (A named tuple: replay builds one per record, and a frozen dataclass costs several times more.)"""
 
     outcome: CreditOutcome
     note_id: str | None
@@ -61,10 +64,48 @@ def note_id_for(entry_id: str) -> str:
     return f"cn_{entry_id}"
 
 
+#: Script reply status -> outcome (a dict lookup is much cheaper than ``CreditOutcome(s)``).
+_OUTCOME_OF_REPLY: dict[str, CreditOutcome] = {o.value: o for o in CreditOutcome}
+#: A str as a JSON string literal, exactly as ``json.dumps`` writes it (ensure_ascii).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
 def _amount(name: str, value: int, *, minimum: int = 0) -> str:
     if not is_safe_int(value) or value < minimum:
         raise InvalidAmount(f"{name} must be an int in [{minimum}, {MAX_SAFE_INTEGER}], got {value!r}")
     return str(value)
+
+
+class IssueInFlight:
+    """Credit notes sent by :meth:`CreditLedger.start_issue`, answers not read yet."""
+
+    def __init__(self, results: list[CreditResult], pending: list[int], finish: Callable[[], Any] | None) -> None:
+        self._results = results
+        self._pending = pending  #: index in ``results`` of each call sent
+        self._finish = finish
+
+    def results(self) -> list[CreditResult]:
+        """One result per entry, in order; all sent ones ``UNAVAILABLE`` when Redis did not
+        answer (some may have been applied: a retry answers ``DUPLICATE``, never credits twice).
+        Raises :class:`~worker.errors.ScriptError` on an error reply. Reads once; later calls
+        return the same list."""
+        finish, self._finish = self._finish, None
+        if finish is None:
+            return self._results
+        try:
+            replies: list[Any] = finish()
+        except RedisUnavailable:
+            return self._results  # every sent call's result is UNAVAILABLE already
+        results, new = self._results, tuple.__new__
+        outcome_of, corrupt = _OUTCOME_OF_REPLY, CreditOutcome.CORRUPT
+        for index, (status, value) in zip(self._pending, replies, strict=True):
+            _, note_id, delta, _, _ = results[index]
+            outcome = outcome_of[status]
+            if outcome is corrupt:
+                results[index] = new(CreditResult, (outcome, note_id, delta, None, str(value)))
+            else:
+                results[index] = new(CreditResult, (outcome, note_id, delta, int(value), None))
+        return results
 
 
 class CreditLedger:
@@ -120,53 +161,70 @@ class CreditLedger:
         in request order; an outage makes every result ``UNAVAILABLE`` (some notes may have been
         applied: a later retry answers ``DUPLICATE`` for those, never a second credit).
         """
-        results: list[CreditResult | None] = []
-        calls: list[tuple[int, str, list[str], list[str]]] = []
-        for index, request in enumerate(requests):
-            quoted, actual = int(request["quoted"]), int(request["actual"])
-            _amount("quoted", quoted)
-            _amount("actual", actual)
-            if actual >= quoted:
-                results.append(CreditResult(CreditOutcome.NO_CREDIT, None, 0))
-                continue
-            wallet, entry_id = str(request["wallet"]), str(request["entry_id"])
-            note_id = note_id_for(entry_id)
-            note = {
-                "id": note_id,
-                "entry_id": entry_id,
-                "wallet": wallet,
-                "quote_id": str(request["quote_id"]),
-                "amount": str(quoted - actual),
-            }
-            results.append(None)
-            calls.append(
-                (
-                    index,
-                    note_id,
-                    [keys.credit_balance(self.env, wallet), keys.credit_note(self.env, wallet, note_id)],
-                    [str(quoted - actual), str(self.cap), str(self.ttl_s), json.dumps(note, sort_keys=True)],
-                )
-            )
+        return self.issue_entries(
+            [
+                (str(r["entry_id"]), str(r["wallet"]), str(r["quote_id"]), int(r["quoted"]), int(r["actual"]))
+                for r in requests
+            ]
+        )
 
-        def run_pipeline() -> list[Any]:
-            pipe = self._state.client.pipeline(transaction=False)
-            for _, _, call_keys, call_args in calls:
-                self._scripts.credit_issue(keys=call_keys, args=call_args, client=pipe)
-            return list(pipe.execute(raise_on_error=True))
+    def issue_entries(self, entries: Sequence[tuple[str, str, str, int, int]]) -> list[CreditResult]:
+        """:meth:`issue_many` for ``(entry_id, wallet, quote_id, quoted, actual)`` tuples: the hot
+        path of replay and of the batch consumer (no dicts, notes built without ``json.dumps``,
+        the calls packed by :mod:`worker.redis_pipe`).
+
+        Raises :class:`InvalidAmount` before any call when an amount is outside ``[0, 2**53-1]``,
+        :class:`~worker.errors.ScriptError` when the script answers an error.
+        """
+        return self.start_issue(entries).results()
+
+    def start_issue(self, entries: Sequence[tuple[str, str, str, int, int]]) -> IssueInFlight:
+        """:meth:`issue_entries` in two halves: send the calls now, read the answers with
+        :meth:`IssueInFlight.results` (always call it: the connection and, in a half-open
+        breaker, the probe wait for it). Replay appends one chunk's outcomes meanwhile."""
+        results: list[CreditResult] = []
+        calls: list[tuple[str, str, str, str, str, str]] = []
+        pending: list[int] = []  #: index in ``results`` of each call
+        no_credit = CreditResult(CreditOutcome.NO_CREDIT, None, 0)
+        new, unavailable = tuple.__new__, CreditOutcome.UNAVAILABLE
+        cap_s, ttl_s, env, quote = str(self.cap), str(self.ttl_s), self.env, _json_string
+        balance_key, note_key = keys.credit_balance, keys.credit_note
+        for entry_id, wallet, quote_id, quoted, actual in entries:
+            if type(quoted) is not int or not 0 <= quoted <= MAX_SAFE_INTEGER:
+                _amount("quoted", quoted)
+            if type(actual) is not int or not 0 <= actual <= MAX_SAFE_INTEGER:
+                _amount("actual", actual)
+            if actual >= quoted:
+                results.append(no_credit)
+                continue
+            note_id = "cn_" + entry_id  # note_id_for, inlined
+            delta_s = str(quoted - actual)
+            note = (  # json.dumps(note, sort_keys=True), byte for byte (test_credit checks it)
+                f'{{"amount": "{delta_s}", "entry_id": {quote(entry_id)}, "id": {quote(note_id)}, '
+                f'"quote_id": {quote(quote_id)}, "wallet": {quote(wallet)}}}'
+            )
+            pending.append(len(results))
+            results.append(new(CreditResult, (unavailable, note_id, quoted - actual, None, None)))
+            calls.append((balance_key(env, wallet), note_key(env, wallet, note_id), delta_s, cap_s, ttl_s, note))
+        if not calls:
+            return IssueInFlight(results, pending, None)
+        client, script = self._state.client, self._scripts.credit_issue
+
+        def checked(replies: list[Any]) -> list[Any]:
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply  # StateRedis: ScriptError
+            return replies
+
+        def send() -> Callable[[], list[Any]]:
+            sent = SentCalls(client, script, 2, calls)
+            return lambda: checked(sent.replies())
 
         try:
-            replies = self._state.call(run_pipeline) if calls else []
+            finish = self._state.start_call(send, lambda: checked(evalsha_many(client, script, 2, calls)))
         except RedisUnavailable:
-            replies = [None] * len(calls)
-        for (index, note_id, _, call_args), reply in zip(calls, replies, strict=True):
-            delta = int(call_args[0])
-            if reply is None:
-                results[index] = CreditResult(CreditOutcome.UNAVAILABLE, note_id, delta)
-            elif reply[0] == CreditOutcome.CORRUPT:
-                results[index] = CreditResult(CreditOutcome.CORRUPT, note_id, delta, None, raw=str(reply[1]))
-            else:
-                results[index] = CreditResult(CreditOutcome(reply[0]), note_id, delta, int(reply[1]))
-        return [result for result in results if result is not None]
+            finish = None  # breaker open: every result stays UNAVAILABLE
+        return IssueInFlight(results, pending, finish)
 
     def apply(self, *, request_id: str, wallet: str, required: int) -> ConsumeResult:
         """Consume up to ``required`` of the wallet's credit, once per ``request_id``.

@@ -15,7 +15,7 @@ retries with a new lease), a credit note answers ``DUPLICATE`` and a consumption
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -92,8 +92,41 @@ class StateRedis:
 
     def call(self, operation: Any) -> Any:
         """Run ``operation()`` (a redis-py call) under the breaker and the bounded retry."""
+        self._admit()
+        return self._tries(operation)
+
+    def start_call(self, send: Callable[[], Callable[[], Any]], operation: Callable[[], Any]) -> Callable[[], Any]:
+        """:meth:`call` in two halves, so the caller can work while Redis does.
+
+        Now: the breaker check (RedisUnavailable at once while it is open) and ``send()``, the
+        first try's send half, which returns the function reading that try's answer. Returned:
+        ``finish``, which reads it; if either half met a connection error, the later tries run
+        ``operation()`` (the whole call) within the same bounded tries. Breaker accounting and
+        error translation are exactly :meth:`call`'s. Call ``finish`` exactly once, always: a
+        half-open breaker waits for this probe's result.
+        """
+        self._admit()
+        first: list[Callable[[], Any]] = []
+        try:
+            first.append(send())
+        except TRANSIENT_ERRORS as error:
+            failed = error
+
+            def reraise() -> Any:
+                raise failed
+
+            first.append(reraise)
+
+        def attempt() -> Any:
+            return first.pop()() if first else operation()
+
+        return lambda: self._tries(attempt)
+
+    def _admit(self) -> None:
         if self.breaker is not None and not self.breaker.allow():
             raise RedisUnavailable(f"{self._label}: circuit breaker open")
+
+    def _tries(self, operation: Callable[[], Any]) -> Any:
         retrying = Retrying(
             stop=stop_after_attempt(self._attempts),
             wait=wait_random(0, RETRY_JITTER_S),
