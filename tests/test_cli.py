@@ -214,6 +214,26 @@ def test_rebuild_restores_balances_after_flushall(runtime: Any, private_redis: R
     assert {w: runtime.ledger.balance(w) for w in W[:5]} == before
 
 
+def test_rebuild_goes_on_past_a_busy_partition_and_names_it(runtime: Any, private_redis: RedisServer) -> None:
+    payloads = [entry(f"rbb-{i}", W[i % 8], 1_000, i) for i in range(24)]
+    credit_all(runtime, payloads)
+    before = {w: runtime.ledger.balance(w) for w in W}
+    busy = runtime.store.partition_for_wallet(W[0])
+    private_redis.client().flushall()
+    private_redis.client().set(keys.lease_lock(ENV, busy), "another-writer", px=60_000)
+    result = run("rebuild")
+    assert result.exit_code == 1, result.output
+    rows = {int(row[0]): row for row in table_rows(result.output)}
+    assert set(rows) == set(range(4)) and rows[busy][5].startswith("skipped (busy")
+    assert f"partitions {busy} not rebuilt" in result.output
+    for wallet in W:  # every other partition was rebuilt, the busy one left alone
+        expected = 0 if runtime.store.partition_for_wallet(wallet) == busy else before[wallet]
+        assert runtime.ledger.balance(wallet) == expected
+    private_redis.client().delete(keys.lease_lock(ENV, busy))
+    assert run("rebuild", "--partition", str(busy)).exit_code == 0
+    assert {w: runtime.ledger.balance(w) for w in W} == before
+
+
 # --- operator errors: one line, exit code 2 ------------------------------------------------------------
 
 PARTITION_COMMANDS = [

@@ -22,7 +22,7 @@ from rich.table import Table
 from worker.cli_support import OperatorError, settings_or_exit
 from worker.cli_wal import wal
 from worker.demo import demo
-from worker.errors import BillingError, RedisUnavailable
+from worker.errors import BillingError, RedisUnavailable, RetryLater
 from worker.settings import Settings
 
 P = ParamSpec("P")
@@ -64,13 +64,16 @@ partition_option = click.option(
 
 
 def runtime_or_exit(settings: Settings, *, create: bool = False) -> Any:
+    """The runtime of the current command, closed (Redis connections, WAL files) when it ends."""
     from worker.runtime import build_runtime
 
     if not create and not settings.env_wal_dir.is_dir():
         raise OperatorError(
             f"no WAL for BILLING_ENV={settings.env} under {settings.wal_dir} (BILLING_WAL_DIR)"
         )
-    return build_runtime(settings)
+    runtime = build_runtime(settings)
+    click.get_current_context().call_on_close(runtime.close)
+    return runtime
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,6 +150,7 @@ def balance(wallet: str) -> None:
     from worker.state_redis import StateRedis
 
     state = StateRedis.from_settings(settings)
+    click.get_current_context().call_on_close(state.close)
     ledger = CreditLedger(
         state, env=settings.env, cap=settings.max_credit_balance, ttl_s=settings.credit_ttl_seconds
     )
@@ -183,22 +187,32 @@ def rebuild(partition: int | None) -> None:
     settings = settings_or_exit()
     runtime = runtime_or_exit(settings)
     parts = partitions_of(settings, partition)
-    table = Table("partition", "wallets", "notes", "consumptions", "credit total")
+    table = Table("partition", "wallets", "notes", "consumptions", "credit total", "note")
+    skipped: list[int] = []
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("rebuilding", total=len(parts))
         for n in parts:
-            report = rebuild_partition(
-                n,
-                runtime.store.partition(n),
-                state=runtime.state,
-                fencing=runtime.fencing,
-                ttl_s=settings.credit_ttl_seconds,
-            )
-            table.add_row(
-                str(n), str(report.wallets), str(report.notes), str(report.uses), str(report.balance_total)
-            )
+            try:
+                report = rebuild_partition(
+                    n,
+                    runtime.store.partition(n),
+                    state=runtime.state,
+                    fencing=runtime.fencing,
+                    ttl_s=settings.credit_ttl_seconds,
+                )
+            except RetryLater as later:  # a writer holds it, or its fence is not OK: go on, say so
+                skipped.append(n)
+                table.add_row(str(n), "-", "-", "-", "-", f"skipped ({later})")
+            else:
+                table.add_row(
+                    str(n), str(report.wallets), str(report.notes), str(report.uses), str(report.balance_total), ""
+                )
             progress.advance(task)
     console.print(table)
+    if skipped:
+        listed = ", ".join(map(str, skipped))
+        err_console.print(f"[red]partitions {listed} not rebuilt[/red]: run `billing-worker rebuild` again for them")
+        raise SystemExit(1)
 
 
 # --- enqueue -----------------------------------------------------------------------------------
