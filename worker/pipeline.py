@@ -422,20 +422,22 @@ class Pipeline:
         pipelined round trip, ``credits`` in record order) in one batch; return a verdict per
         record (``_DEFERRED`` … ``_COMPLETED``). Redis gone → ``_DEFERRED`` (they stay pending).
         The hot loop of replay: no per-record objects beyond the outcome bodies, metrics counted
-        once per call."""
+        once per call, the common enum members held in locals (looking one up on its class
+        costs about as much as building a body), the chunk's index entries read in one call."""
         verdicts: list[_Verdict] = [(_DEFERRED, None, None)] * len(records)
         to_append: list[tuple[int, RecordType, dict[str, Any]]] = []
         at = _now_ms()
         issued = cap_exceeded = corrupt = 0
         applied_type, no_credit_type = RecordType.APPLIED, RecordType.NO_CREDIT
+        applied, duplicate, no_credit = CreditOutcome.APPLIED, CreditOutcome.DUPLICATE, CreditOutcome.NO_CREDIT
         for index, (outcome, note_id, amount, balance, raw) in enumerate(credits):
-            if outcome is CreditOutcome.APPLIED or outcome is CreditOutcome.DUPLICATE:
+            if outcome is applied or outcome is duplicate:
                 # DUPLICATE: the note was applied by an earlier attempt of this entry.
                 body = {"at": at, "credit_note_id": note_id, "amount": str(amount), "balance": _text(balance)}
                 to_append.append((index, applied_type, body))
-                if outcome is CreditOutcome.APPLIED:
+                if outcome is applied:
                     issued += amount
-            elif outcome is CreditOutcome.NO_CREDIT:
+            elif outcome is no_credit:
                 to_append.append((index, no_credit_type, {"at": at}))
             elif outcome is CreditOutcome.CAP_EXCEEDED:
                 body = {"at": at, "credit_note_id": note_id, "amount": str(amount), "balance": _text(balance)}
@@ -458,17 +460,19 @@ class Pipeline:
             return verdicts
         with partition.locked():
             lease.ensure_held()
+            token = lease.token
             fresh = []
-            lookup = partition.lookup
-            for index, record_type, body in to_append:
-                state = lookup(records[index].entry_id)
+            items = []
+            entry_ids = [records[index].entry_id for index, _, _ in to_append]
+            states = partition.lookup_many(entry_ids)
+            for (index, record_type, body), entry_id, state in zip(to_append, entry_ids, states, strict=True):
                 if state is not None and state.outcome is not None:  # completed meanwhile
                     verdicts[index] = (_COMPLETED, state, None)
                 else:
                     fresh.append((index, record_type, body))
-            token = lease.token
+                    items.append((record_type, token, entry_id, body))
             try:
-                self._append_batch(partition, [(t, token, records[i].entry_id, b) for i, t, b in fresh])
+                self._append_batch(partition, items)
             except StaleTokenError as stale:
                 retry = (_RETRY, RetryLater("stale", str(stale)), None)
                 for index, _, _ in fresh:
@@ -682,11 +686,12 @@ class Pipeline:
             if chunks:
                 self.fencing.renew(lease)
                 in_flight = self.ledger.start_issue(_credit_entries(chunks[0]))
+            unavailable = CreditOutcome.UNAVAILABLE  # a local: looked up once, not once per record
             with _gc_paused():
                 for number, chunk in enumerate(chunks):
                     assert in_flight is not None
                     credits, in_flight = in_flight.results(), None
-                    if number + 1 < len(chunks) and not any(c.outcome is CreditOutcome.UNAVAILABLE for c in credits):
+                    if number + 1 < len(chunks) and not any(c.outcome is unavailable for c in credits):
                         in_flight = self.ledger.start_issue(_credit_entries(chunks[number + 1]))
                     kinds = [kind for kind, _, _ in self._settle(partition, partition_no, chunk, credits, lease)]
                     applied += kinds.count(_RECORDED) + kinds.count(_COMPLETED)

@@ -28,6 +28,7 @@ API
     NO_CREDIT, CAP_EXCEEDED) only for a pending ENTRY, one CREDIT_USED per request id.
     Queries (catch up first): ``classify(entry_id, body) -> Classification`` (NEW, DUPLICATE,
     CONFLICT), ``lookup(entry_id) -> EntryState | None`` (``.entry``, ``.outcome``),
+    ``lookup_many(entry_ids) -> list[EntryState | None]``,
     ``credit_use(request_id) -> Record | None``, ``pending() -> list[Record]``,
     ``pending_count``, ``highest_token``, ``next_lsn``, ``last_lsn``, ``applied_lsn``,
     ``segments()``, ``records(from_lsn=1) -> RecordIterator`` and ``rejected()`` (iterators over

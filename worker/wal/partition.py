@@ -31,6 +31,7 @@ import threading
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import starmap
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from worker.wal.record import (
     Record,
     RecordType,
     canonical_body,
-    encode,
+    frame_batch,
     prepare,
 )
 from worker.wal.segment import (
@@ -534,7 +535,7 @@ class Partition:
         nothing is written. After a crash, a prefix of an unacknowledged batch may survive.
         """
         with _gc_paused():
-            prepared = [prepare(*item) for item in items]
+            prepared = list(starmap(prepare, items))
             return self._append(prepared) if prepared else []
 
     def _append(self, prepared: list[Prepared]) -> list[Record]:
@@ -545,15 +546,7 @@ class Partition:
             self._check_rules(prepared)
             if self._size >= self.segment_bytes and self._size > SEGMENT_HEADER_SIZE:
                 self._rotate()
-            lsn = self._next_lsn
-            new = tuple.__new__
-            records: list[Record] = []
-            chunks = []
-            for item in prepared:
-                chunks.append(encode(lsn, item))
-                records.append(new(Record, (lsn, item.type, item.fencing_token, item.entry_id, item.raw_body)))
-                lsn += 1
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data, records = frame_batch(self._next_lsn, prepared)
             self._write(data)
             self._size += len(data)
             self._apply_many(records)
@@ -576,28 +569,37 @@ class Partition:
             elif kind is RecordType.CREDIT_USED and key in self._credit:
                 raise WalInvariantError(f"credit use {key!r} is already recorded")
             return
+        self._check_batch(prepared)
+
+    def _check_batch(self, prepared: list[Prepared]) -> None:
+        """:meth:`_check_rules` for several records: each is checked against the log and the
+        records before it in the batch (fencing runs through the batch too).
+
+        Hot (every record of a group commit): items unpacked once, the index dicts and enum
+        members held in locals (looking up ``RecordType.ENTRY`` on the class each time cost
+        about a third of an item's checks).
+        """
         highest = self._highest
+        entries, pending, credit = self._entries, self._pending, self._credit
+        entry_type, credit_type, outcomes = RecordType.ENTRY, RecordType.CREDIT_USED, OUTCOME_TYPES
         opened: set[str] = set()
         closed: set[str] = set()
         used: set[str] = set()
-        for item in prepared:
-            token = item.fencing_token
+        for kind, token, key, _eid, _raw in prepared:
             if token:
                 if token < highest:
                     raise StaleTokenError(token, highest)
                 highest = token
-            kind = item.type
-            key = item.entry_id
-            if kind is RecordType.ENTRY:
-                if key in self._entries or key in opened:
+            if kind is entry_type:
+                if key in entries or key in opened:
                     raise WalInvariantError(f"entry {key!r} is already recorded")
                 opened.add(key)
-            elif kind in OUTCOME_TYPES:
-                if key in closed or not (key in self._pending or key in opened):
+            elif kind in outcomes:
+                if key in closed or not (key in pending or key in opened):
                     raise WalInvariantError(f"{kind.name} for entry {key!r}, which is not pending")
                 closed.add(key)
-            elif kind is RecordType.CREDIT_USED:
-                if key in self._credit or key in used:
+            elif kind is credit_type:
+                if key in credit or key in used:
                     raise WalInvariantError(f"credit use {key!r} is already recorded")
                 used.add(key)
 
@@ -639,6 +641,12 @@ class Partition:
         """The ENTRY for ``entry_id`` and its outcome (None while pending), or None if unknown."""
         self._fresh()
         return self._entries.get(entry_id)
+
+    def lookup_many(self, entry_ids: Iterable[str]) -> list[EntryState | None]:
+        """:meth:`lookup` of each id, in order, after one catch-up (replay settles a chunk of a
+        thousand entries at a time: one call instead of a method call and catch-up check each)."""
+        self._fresh()
+        return list(map(self._entries.get, entry_ids))
 
     def credit_use(self, request_id: str) -> Record | None:
         """The CREDIT_USED record for ``request_id``, or None."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum, IntEnum
 from typing import Any, NamedTuple
 
@@ -49,6 +49,7 @@ __all__ = [
     "RecordType",
     "canonical_body",
     "encode",
+    "frame_batch",
     "prepare",
 ]
 
@@ -185,6 +186,38 @@ def _make_fast_encode() -> Callable[[dict[str, Any]], str]:
 _encode_json = _make_fast_encode()
 _SCALARS = frozenset({str, int, bool, type(None)})
 _STR_ONLY = frozenset({str})
+#: The JSON string literal of a str, exactly as the encoder above writes one (ensure_ascii=False).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _outcome_json(body: dict[str, Any]) -> str | None:
+    """The canonical JSON of an outcome body ``{at: int, amount, balance, credit_note_id: str}``
+    (what replay appends for nearly every entry), or None when a value has another type.
+
+    The generic encoder sorts and walks the dict in C but still costs about 0.3 µs per key; this
+    f-string of the four values in sorted-key order is byte-identical (keys are plain ASCII,
+    strings go through the encoder's own escaping, an exact int prints as ``repr``) and about
+    2.5 times cheaper. ``tests/wal/test_fast_paths.py`` compares the two over generated bodies.
+    """
+    at, amount, balance, note = body["at"], body["amount"], body["balance"], body["credit_note_id"]
+    if type(at) is not int or type(amount) is not str or type(balance) is not str or type(note) is not str:
+        return None
+    text = _json_string
+    return f'{{"amount":{text(amount)},"at":{at},"balance":{text(balance)},"credit_note_id":{text(note)}}}'
+
+
+def _at_only_json(body: dict[str, Any]) -> str | None:
+    """The canonical JSON of ``{"at": int}`` (a NO_CREDIT outcome), or None for another type."""
+    at = body["at"]
+    return f'{{"at":{at}}}' if type(at) is int else None
+
+
+#: Bodies of a known shape and their fast encoders, by key count (see :func:`_outcome_json`).
+#: Only an exact key-set match uses one; anything else takes the generic encoder.
+_KNOWN_SHAPES: dict[int, tuple[frozenset[str], Callable[[dict[str, Any]], str | None]]] = {
+    4: (frozenset({"at", "amount", "balance", "credit_note_id"}), _outcome_json),
+    1: (frozenset({"at"}), _at_only_json),
+}
 
 
 def _check_json(value: object, where: str) -> None:
@@ -217,6 +250,11 @@ def canonical_body(body: Mapping[str, Any]) -> bytes:
             raise InvalidRecord(f"body must be a JSON object, not {type(body).__name__}")
         body = dict(body)
     try:
+        known = _KNOWN_SHAPES.get(len(body))
+        if known is not None and body.keys() == known[0]:
+            text = known[1](body)
+            if text is not None:
+                return text.encode("utf-8")
         # Fast path (C-level loops): a flat object of str keys and scalar values. Anything else
         # (nested values, subclasses, bad types) is walked by _check_json, which raises on error.
         if not (_STR_ONLY.issuperset(map(type, body)) and _SCALARS.issuperset(map(type, body.values()))):
@@ -266,3 +304,27 @@ def encode(lsn: int, prepared: Prepared) -> bytes:
     rest = _REST.pack(len(eid) + len(raw), lsn, prepared.fencing_token, prepared.type, len(eid))
     crc = crc32c(raw, crc32c(eid, crc32c(rest)))
     return b"".join((_CRC.pack(crc), rest, eid, raw))
+
+
+def frame_batch(first_lsn: int, prepared: Iterable[Prepared]) -> tuple[bytes, list[Record]]:
+    """Frame ``prepared`` as records ``first_lsn``, ``first_lsn + 1``, ...: the bytes to write,
+    exactly ``b"".join(encode(lsn, item) ...)``, and the :class:`Record` each frame holds.
+
+    The append hot path (every appended record passes here once), hence :func:`encode` unrolled
+    over the batch: one join for the whole buffer instead of one per frame, each
+    :class:`Prepared` unpacked once instead of read field by field, the Records built in the same
+    pass, lookups hoisted. The CRC is taken over the header-after-CRC, entry_id and body joined
+    (one ``crc32c`` call instead of three chained ones): the same bytes, so the same value.
+    """
+    parts: list[bytes] = []
+    records: list[Record] = []
+    add_part, add_record = parts.append, records.append
+    pack_rest, pack_crc, new = _REST.pack, _CRC.pack, tuple.__new__
+    lsn = first_lsn
+    for rtype, token, entry_id, eid, raw in prepared:
+        covered = pack_rest(len(eid) + len(raw), lsn, token, rtype, len(eid)) + eid + raw
+        add_part(pack_crc(crc32c(covered)))
+        add_part(covered)
+        add_record(new(Record, (lsn, rtype, token, entry_id, raw)))
+        lsn += 1
+    return b"".join(parts), records
