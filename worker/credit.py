@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
 from worker import keys
 from worker.errors import InvalidAmount, RedisUnavailable
 from worker.limits import MAX_SAFE_INTEGER, is_safe_int, parse_canonical
-from worker.redis_pipe import SentCalls, evalsha_many
+from worker.redis_pipe import SentCalls, evalsha_many, pack_evalsha
 from worker.state_redis import StateRedis
 
 
@@ -108,6 +109,50 @@ class IssueInFlight:
         return results
 
 
+class PreparedIssue:
+    """Credit calls built and packed by :meth:`CreditLedger.prepare_issue`, not sent yet."""
+
+    def __init__(
+        self,
+        state: StateRedis,
+        script: Script,
+        results: list[CreditResult],
+        pending: list[int],
+        calls: list[tuple[str, str, str, str, str, str]],
+        packed: list[bytes],
+    ) -> None:
+        self._state = state
+        self._script = script
+        self._results = results
+        self._pending = pending
+        self._calls = calls
+        self._packed = packed
+
+    def send(self) -> IssueInFlight:
+        """Send the calls (one buffer, one connection) under the breaker and the bounded
+        retry of :meth:`StateRedis.start_call`; breaker open: every result ``UNAVAILABLE``."""
+        results, pending, calls = self._results, self._pending, self._calls
+        if not calls:
+            return IssueInFlight(results, pending, None)
+        client, script, packed = self._state.client, self._script, self._packed
+
+        def checked(replies: list[Any]) -> list[Any]:
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply  # StateRedis: ScriptError
+            return replies
+
+        def send() -> Callable[[], list[Any]]:
+            sent = SentCalls(client, script, 2, calls, packed)
+            return lambda: checked(sent.replies())
+
+        try:
+            finish = self._state.start_call(send, lambda: checked(evalsha_many(client, script, 2, calls)))
+        except RedisUnavailable:
+            finish = None  # breaker open: every result stays UNAVAILABLE
+        return IssueInFlight(results, pending, finish)
+
+
 class CreditLedger:
     """Credit balances and notes of one environment on the state Redis."""
 
@@ -182,6 +227,12 @@ class CreditLedger:
         """:meth:`issue_entries` in two halves: send the calls now, read the answers with
         :meth:`IssueInFlight.results` (always call it: the connection and, in a half-open
         breaker, the probe wait for it). Replay appends one chunk's outcomes meanwhile."""
+        return self.prepare_issue(entries).send()
+
+    def prepare_issue(self, entries: Sequence[tuple[str, str, str, int, int]]) -> PreparedIssue:
+        """Build and pack the credit calls of ``entries`` without touching Redis, so replay can
+        do it while Redis runs the previous chunk; :meth:`PreparedIssue.send` sends them.
+        Raises :class:`InvalidAmount` when an amount is outside ``[0, 2**53-1]``."""
         results: list[CreditResult] = []
         calls: list[tuple[str, str, str, str, str, str]] = []
         pending: list[int] = []  #: index in ``results`` of each call
@@ -206,25 +257,9 @@ class CreditLedger:
             pending.append(len(results))
             results.append(new(CreditResult, (unavailable, note_id, quoted - actual, None, None)))
             calls.append((balance_key(env, wallet), note_key(env, wallet, note_id), delta_s, cap_s, ttl_s, note))
-        if not calls:
-            return IssueInFlight(results, pending, None)
-        client, script = self._state.client, self._scripts.credit_issue
-
-        def checked(replies: list[Any]) -> list[Any]:
-            for reply in replies:
-                if isinstance(reply, ResponseError):
-                    raise reply  # StateRedis: ScriptError
-            return replies
-
-        def send() -> Callable[[], list[Any]]:
-            sent = SentCalls(client, script, 2, calls)
-            return lambda: checked(sent.replies())
-
-        try:
-            finish = self._state.start_call(send, lambda: checked(evalsha_many(client, script, 2, calls)))
-        except RedisUnavailable:
-            finish = None  # breaker open: every result stays UNAVAILABLE
-        return IssueInFlight(results, pending, finish)
+        script = self._scripts.credit_issue
+        packed = pack_evalsha(script.sha, 2, calls) if calls else []
+        return PreparedIssue(self._state, script, results, pending, calls, packed)
 
     def apply(self, *, request_id: str, wallet: str, required: int) -> ConsumeResult:
         """Consume up to ``required`` of the wallet's credit, once per ``request_id``.

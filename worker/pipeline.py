@@ -656,9 +656,10 @@ class Pipeline:
         pipelined credit round trip and one batched outcome append. Stops early, leaving the rest
         pending, when Redis goes away; an entry whose balance is corrupt stays pending.
 
-        The next chunk's credit calls are sent before this chunk's outcomes are appended, so
-        Redis runs them meanwhile (replay would otherwise wait for Redis and Redis for it). The
-        lease is renewed before each chunk's append. When replay stops early, the chunk in
+        The next chunk's credit calls are sent, and the one after packed, before this chunk's
+        outcomes are appended, so Redis runs them meanwhile (replay would otherwise wait for Redis
+        and Redis for it). The lease is renewed after each chunk, and checked before each send and
+        each outcome append. When replay stops early, the chunk in
         flight may have been credited without its outcomes: those entries stay pending and the
         next replay records them (``DUPLICATE``, never a second credit), as after a crash.
         """
@@ -683,22 +684,26 @@ class Pipeline:
             with partition.locked():
                 pending = partition.pending()
             chunks = [pending[start : start + batch] for start in range(0, len(pending), batch)]
-            if chunks:
-                self.fencing.renew(lease)
-                in_flight = self.ledger.start_issue(_credit_entries(chunks[0]))
+            prepare = self.ledger.prepare_issue
             unavailable = CreditOutcome.UNAVAILABLE  # a local: looked up once, not once per record
             with _gc_paused():
+                # Three chunks in three stages: n's answers are read and its outcomes appended
+                # while Redis runs n+1 and this process packs n+2 (Redis never waits for Python).
+                in_flight = prepare(_credit_entries(chunks[0])).send() if chunks else None
+                ahead = prepare(_credit_entries(chunks[1])) if len(chunks) > 1 else None
                 for number, chunk in enumerate(chunks):
                     assert in_flight is not None
                     credits, in_flight = in_flight.results(), None
-                    if number + 1 < len(chunks) and not any(c.outcome is unavailable for c in credits):
-                        in_flight = self.ledger.start_issue(_credit_entries(chunks[number + 1]))
+                    if ahead is not None and not any(c.outcome is unavailable for c in credits):
+                        lease.ensure_held()  # credits are issued only under a lease we still hold
+                        in_flight, ahead = ahead.send(), None
                     kinds = [kind for kind, _, _ in self._settle(partition, partition_no, chunk, credits, lease)]
                     applied += kinds.count(_RECORDED) + kinds.count(_COMPLETED)
-                    if _DEFERRED in kinds:
-                        break  # Redis went away: the rest waits for the next replay
-                    if in_flight is not None:
-                        self.fencing.renew(lease)
+                    if _DEFERRED in kinds or in_flight is None:
+                        break  # done, or Redis went away: the rest waits for the next replay
+                    if number + 2 < len(chunks):
+                        ahead = prepare(_credit_entries(chunks[number + 2]))
+                    self.fencing.renew(lease)  # queued behind chunk n+1: Redis is busy anyway
         except (RedisUnavailable, LeaseNotOwnedError) as stopped:
             log.warning("replay of partition %d stopped early: %s", partition_no, stopped)
         finally:

@@ -61,9 +61,18 @@ class SentCalls:
     ``ConnectionError`` / ``TimeoutError`` when that fails); :meth:`replies` reads the answers.
     Between the two the connection is this object's: call :meth:`replies` or :meth:`close`."""
 
-    def __init__(self, client: redis.Redis, script: Script, numkeys: int, calls: Sequence[Sequence[str]]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        script: Script,
+        numkeys: int,
+        calls: Sequence[Sequence[str]],
+        packed: list[bytes] | None = None,
+    ) -> None:
+        """``packed``: the calls as :func:`pack_evalsha` gave them, when the caller packed them
+        ahead (replay packs the next chunk while Redis runs this one)."""
         self._script = script
-        self._packed = pack_evalsha(script.sha, numkeys, calls)
+        self._packed = packed if packed is not None else pack_evalsha(script.sha, numkeys, calls)
         self._pool = client.connection_pool
         self._conn: Any = None  # redis-py's Connection methods are untyped
         self._sent: Sequence[int] = range(len(calls))
