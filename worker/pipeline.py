@@ -17,11 +17,10 @@ WAL (fsynced) → capped credit issue → append the outcome → release the lea
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -40,6 +39,7 @@ from worker.errors import (
     TokenOverflow,
 )
 from worker.fencing import FenceResult, Fencing, Lease
+from worker.gc_pause import gc_paused
 from worker.models import BillingEntry, parse_apply_credit, parse_entry
 from worker.wal import Classification, Partition, Record, RecordType, WalStore
 
@@ -144,24 +144,6 @@ class ReplayReport:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC during a replay (as the WAL does while it scans or appends).
-
-    Replay allocates millions of short-lived, acyclic objects (bodies, tuples, strings): with the
-    GC on they trigger a young collection every 700 allocations and, through those, full
-    collections over the whole in-memory WAL index, 10-20% of replay's time. Paused, garbage is
-    still freed by reference counting; the GC runs once, after the replay.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _text(value: int | None) -> str | None:
@@ -686,7 +668,7 @@ class Pipeline:
             chunks = [pending[start : start + batch] for start in range(0, len(pending), batch)]
             prepare = self.ledger.prepare_issue
             unavailable = CreditOutcome.UNAVAILABLE  # a local: looked up once, not once per record
-            with _gc_paused():
+            with gc_paused():
                 # Three chunks in three stages: n's answers are read and its outcomes appended
                 # while Redis runs n+1 and this process packs n+2 (Redis never waits for Python).
                 in_flight = prepare(_credit_entries(chunks[0])).send() if chunks else None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import StaleTokenError, WalCorruption, WalError, WalInvariantError
+from worker.gc_pause import gc_paused
 from worker.wal.checkpoint import (
     CHECKPOINT_NAME,
     SNAPSHOT_MAGIC,
@@ -309,7 +309,7 @@ class Partition:
 
     def _load(self) -> None:
         """Build the in-memory view from the checkpoint, its snapshot and the segments."""
-        with _gc_paused():
+        with gc_paused():
             self._load_paused()
 
     def _load_paused(self) -> None:
@@ -416,7 +416,7 @@ class Partition:
         path = str(self._active_path)
         if file_size < self._size:
             raise WalCorruption(path, file_size, f"segment shrank below its good end {self._size}")
-        with _gc_paused():
+        with gc_paused():
             stop = scan_fd(self._fd, self._size, file_size, self._next_lsn, None, many=self._apply_many)
         self._size = stop.offset
         if stop.detail is not None:
@@ -534,7 +534,7 @@ class Partition:
         the highest before it, batch included; rules as for :meth:`append`); if any fails,
         nothing is written. After a crash, a prefix of an unacknowledged batch may survive.
         """
-        with _gc_paused():
+        with gc_paused():
             prepared = list(starmap(prepare, items))
             return self._append(prepared) if prepared else []
 
@@ -860,22 +860,6 @@ class Partition:
             return removed
         finally:
             self._leave()
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while building many acyclic objects (records, index entries).
-
-    Collections triggered by those allocations traverse the ever larger index and would cost
-    about as much as the scan itself; nothing built here is cyclic, so nothing is missed.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class RecordIterator(Iterator[Record]):
