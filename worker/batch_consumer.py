@@ -9,8 +9,8 @@ interval timer remains as a backstop (and to release ETA messages whose time has
 
 Delivery guarantees, in the consumer process:
 
-* with ``acks_late`` every message of a batch is acknowledged only after the batch function
-  returned (it stores each message's result first);
+* every message of a batch is acknowledged only after the batch function returned (it stores
+  each message's result first): late acknowledgement always, whatever the task's ``acks_late``;
 * if the pool process running a batch dies (``WorkerLostError``) or the batch errors out of the
   pool, every message of that batch is **rejected with requeue**, i.e. redelivered at once, as
   ``task_reject_on_worker_lost`` does for single messages;
