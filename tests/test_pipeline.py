@@ -175,3 +175,19 @@ def test_reliability_settings_of_the_app() -> None:
     assert conf.worker_prefetch_multiplier == runtime().settings.batch_size  # 1, or a whole batch
     assert conf.accept_content == ["json"]
     assert runtime().settings.retry_max_s < conf.broker_transport_options["visibility_timeout"]
+
+
+def test_messages_held_for_their_eta_do_not_starve_the_others() -> None:
+    """More retries waiting for their countdown than the prefetch window (1 single, 50 batch)
+    must not stop the worker fetching other messages: as Celery does for ETA tasks, a held
+    message widens the window while it waits."""
+    from worker.app import app
+
+    held = [
+        app.send_task("billing.process_entry", args=[entry(f"later-{i}", W1, 100, 1)], countdown=600)
+        for i in range(60)
+    ]
+    now = [app.send_task("billing.process_entry", args=[entry(f"now-{i}", W2, 100, 1)]) for i in range(5)]
+    assert [r.get(timeout=30)["status"] for r in now] == ["credited"] * 5
+    assert not any(r.ready() for r in held)
+    assert runtime().ledger.balance(W2) == 5 * 99 and runtime().ledger.balance(W1) == 0

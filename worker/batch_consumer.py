@@ -17,7 +17,8 @@ Delivery guarantees, in the consumer process:
 * each message gets its own ``task-succeeded`` / ``task-retried`` / ``task-failed`` event, as
   the batch function reports them, so Flower and the error-rate alarm see batched tasks too;
 * a message whose ETA (a retry's countdown) is still in the future is held, unacknowledged, until
-  it is due.
+  it is due, and (as Celery does for ETA tasks) raises the prefetch window while held, so held
+  retries never starve the other messages.
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ class EagerBatches(Batches):  # type: ignore[misc]  # celery-batches ships no ty
         self._slots = 1  #: pool processes (the worker's concurrency)
         self._dispatching = False
         self._again = False
+        self._consumer: Any = None  #: the worker's consumer (its prefetch QoS), set by Strategy
+        self._held: set[int] = set()  #: id() of requests held for their ETA, counted in the QoS
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Callable[..., None]:
         handler: Callable[..., None] = super().Strategy(task, app, consumer)
         self._slots = max(1, int(getattr(consumer.pool, "limit", None) or 1))
+        self._consumer = consumer
 
         def eager_handler(*args: Any, **kwargs: Any) -> None:
             handler(*args, **kwargs)  # buffers the request (and starts the backstop timer)
@@ -111,9 +115,24 @@ class EagerBatches(Batches):  # type: ignore[misc]  # celery-batches ships no ty
                     break
         for request in waiting:
             if _due(request, now):
+                self._release_hold(request)
                 self._ready.append(request)
             else:
+                self._hold(request)
                 self._pending.put(request)
+
+    def _hold(self, request: Any) -> None:
+        """A request waiting for its ETA does not use up the prefetch window (as Celery does for
+        ETA tasks): otherwise retries held for their countdown, e.g. every entry of a partition
+        whose fence is CORRUPT, would stop the worker fetching anything else."""
+        if id(request) not in self._held and self._consumer is not None:
+            self._held.add(id(request))
+            self._consumer.qos.increment_eventually()
+
+    def _release_hold(self, request: Any) -> None:
+        if id(request) in self._held:
+            self._held.discard(id(request))
+            self._consumer.qos.decrement_eventually()
 
     def _flush_batch(self, requests: list[Any]) -> None:
         """Hand one batch to the pool; settle its messages when it returns or dies."""
