@@ -130,7 +130,8 @@ def test_whole_worker_killed_mid_stream_is_redelivered_and_applied_once(
     workers("second")
     wait_until(broker_drained(app), timeout_s=120, what="every message handed out and acknowledged")
     dropped = [p for p, r in zip(payloads, results, strict=True) if not r.ready()]
-    assert len(dropped) <= 3, f"{len(dropped)} messages without an answer: more than the broker's window explains"
+    # one BRPOP is in flight at a time: a kill can drop at most the one message it was taking
+    assert len(dropped) <= 1, f"{len(dropped)} messages without an answer: more than the broker's window explains"
     resent = [app.send_task("billing.process_entry", args=[p]) for p in dropped]  # as upstream does
     answered = [r for r in results if r.ready()] + resent
     answers = [r.get(timeout=120) for r in answered]
