@@ -6,6 +6,7 @@ Marked ``chaos``: they take tens of seconds. ``make test`` runs them too (CI has
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -80,8 +81,19 @@ def final_report(rt: Runtime, expected: set[str]) -> Any:
 
 
 def child_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children]
+    """The live child processes of ``pid``, whichever of its threads started them (a pool process
+    replaced after a kill may be forked by another thread than the main one)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return sorted(set(children))
+
+
+def wait_for_children(pid: int, count: int) -> list[int]:
+    """The children of ``pid`` once there are ``count`` of them (the pool refilled after a kill)."""
+    wait_until(lambda: len(child_pids(pid)) >= count, timeout_s=60, what=f"{count} pool processes")
+    return child_pids(pid)
 
 
 BATCH_MODES = pytest.mark.parametrize("batch_size", ["1", "50"], ids=["single", "batch50"])
@@ -162,11 +174,12 @@ def test_pool_child_killed_mid_task_is_requeued_at_once_and_applied_once(
         wait_until(lambda t=threshold: sum(r.ready() for r in results) >= t, timeout_s=60, what=f"{threshold} results")
         if sum(r.ready() for r in results) >= len(payloads):
             break
-        victims = child_pids(worker.process.pid)
+        victims = wait_for_children(worker.process.pid, 2)
         os.kill(victims[0], signal.SIGKILL)
         killed += 1
     assert killed >= 1
-    answers = [r.get(timeout=120) for r in results]
+    wait_until(lambda: all(r.ready() for r in results), timeout_s=120, what="every result stored")
+    answers = [r.result for r in results]  # read from the backend (get() waits on pub/sub: slow here)
     assert {a["status"] for a in answers} <= {"credited", "no_credit", "duplicate"}
     report = final_report(observer, {p["entry_id"] for p in payloads})
     print(f"pool-child kills, batch {batch_size}: {killed}, {dict(report.outcomes)}")
