@@ -14,7 +14,6 @@ import pytest
 from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.errors import RetryLater
-from worker.invariants import check_invariants
 from worker.pipeline import Outcome
 from worker.runtime import Runtime, build_runtime
 from worker.samples import entry, sample_entries, wallet_address
@@ -52,13 +51,7 @@ def test_mixed_batch_in_input_order_with_in_batch_repeats_and_conflicts(rt: Runt
             original.amount,
             original.credit_note_id,
         )
-    report = check_invariants(
-        rt.store,
-        rt.state,
-        env=rt.settings.env,
-        cap=rt.settings.max_credit_balance,
-        expected_entry_ids={p["entry_id"] for p in originals},
-    )
+    report = rt.check_invariants({p["entry_id"] for p in originals})
     assert report.problems == [] and report.entries == 200 and report.rejected_records == 8
 
 
@@ -112,13 +105,7 @@ def test_batch_fails_open_when_redis_is_down_and_replay_completes_it(
         assert sum(applied) == 60
         again = runtime.pipeline.process_batch(payloads[:10])
         assert statuses(again) == Counter({"duplicate": 10})
-        report = check_invariants(
-            runtime.store,
-            runtime.state,
-            env=runtime.settings.env,
-            cap=runtime.settings.max_credit_balance,
-            expected_entry_ids={p["entry_id"] for p in payloads},
-        )
+        report = runtime.check_invariants({p["entry_id"] for p in payloads})
         assert report.problems == []
     finally:
         runtime.close()

@@ -20,7 +20,6 @@ import redis
 
 from tests.support.procs import wait_until
 from worker.devstack import CeleryProcess, worker_args
-from worker.invariants import check_invariants
 from worker.runtime import Runtime, build_runtime
 from worker.samples import entry, sample_entries
 from worker.settings import load_settings
@@ -72,9 +71,7 @@ def observer(chaos_env: dict[str, str]) -> Iterator[Runtime]:
 
 
 def final_report(rt: Runtime, expected: set[str]) -> Any:
-    report = check_invariants(
-        rt.store, rt.state, env=rt.settings.env, cap=rt.settings.max_credit_balance, expected_entry_ids=expected
-    )
+    report = rt.check_invariants(expected)
     assert report.problems == []
     assert report.entries == len(expected)
     return report

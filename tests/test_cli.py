@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.support.procs import wait_until
+from tests.support.procs import set_cli_env, wait_until
 from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.errors import RetryLater
@@ -53,22 +53,7 @@ def table_rows(output: str) -> list[list[str]]:
 
 @pytest.fixture
 def cli_env(tmp_path: Path, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    from worker.settings import get_settings
-
-    values = {
-        "BILLING_ENV": ENV,
-        "BILLING_REDIS_URL": private_redis.url,
-        "BILLING_BROKER_URL": "redis://127.0.0.1:1/0",  # the CLI needs no broker except for enqueue
-        "BILLING_RESULT_BACKEND": "redis://127.0.0.1:1/1",
-        "BILLING_WAL_DIR": str(tmp_path / "wal"),
-        "BILLING_PARTITIONS": "4",
-        "BILLING_REDIS_TIMEOUT_MS": "300",
-        "BILLING_BREAKER_RESET_MS": "200",
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    return values
+    return set_cli_env(monkeypatch, env_name=ENV, state_url=private_redis.url, wal_dir=tmp_path / "wal", partitions=4)
 
 
 @pytest.fixture
@@ -88,11 +73,8 @@ def credit_all(runtime: Any, payloads: list[dict[str, Any]]) -> None:
 
 
 def invariants_hold(runtime: Any, entry_ids: set[str]) -> dict[str, int]:
-    from worker.invariants import check_invariants
 
-    report = check_invariants(
-        runtime.store, runtime.state, env=ENV, cap=runtime.settings.max_credit_balance, expected_entry_ids=entry_ids
-    )
+    report = runtime.check_invariants(entry_ids)
     assert report.ok, report.problems
     return report.balances
 
@@ -357,7 +339,6 @@ def test_enqueue_resends_the_entries_a_broker_dropped(billing_env: dict[str, str
     from celery.contrib.testing.worker import start_worker
 
     from worker.app import app
-    from worker.invariants import check_invariants
     from worker.runtime import get_runtime
     from worker.samples import sample_entries
 
@@ -379,8 +360,6 @@ def test_enqueue_resends_the_entries_a_broker_dropped(billing_env: dict[str, str
     assert sum(counts.values()) == 6 and set(counts) <= {"credited", "no_credit", "duplicate"}
     rt = get_runtime()
     expected = {p["entry_id"] for p in sample_entries(6)}
-    report = check_invariants(
-        rt.store, rt.state, env=rt.settings.env, cap=rt.settings.max_credit_balance, expected_entry_ids=expected
-    )
+    report = rt.check_invariants(expected)
     assert report.problems == [] and report.entries == 6 and report.pending == 0
     gc.collect()

@@ -19,7 +19,6 @@ from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.credit import CreditLedger, CreditOutcome, CreditResult
 from worker.errors import ScriptError
-from worker.invariants import check_invariants
 from worker.models import parse_entry
 from worker.redis_pipe import evalsha_many
 from worker.runtime import Runtime, build_runtime
@@ -284,9 +283,7 @@ def test_replay_in_overlapped_chunks_records_what_the_per_call_path_answers(
 
         client.delete(keys.credit_balance(env_name, wallet_address(8)))  # repaired: the rest goes through
         assert runtime.pipeline.replay_partition(0, batch=4).applied == 3
-        report_ok = check_invariants(
-            runtime.store, runtime.state, env=env_name, cap=cap, expected_entry_ids={p["entry_id"] for p in payloads}
-        )
+        report_ok = runtime.check_invariants({p["entry_id"] for p in payloads})
         assert report_ok.problems == []
     finally:
         runtime.close()
@@ -321,9 +318,7 @@ def test_replay_with_redis_killed_midway_stops_and_a_later_replay_credits_once(
         client = aof_server.client()
         for wallet, total in credited.items():
             assert int(client.get(keys.credit_balance("mid", wallet)) or 0) == total
-        report_ok = check_invariants(
-            runtime.store, runtime.state, env="mid", cap=10**12, expected_entry_ids={p["entry_id"] for p in payloads}
-        )
+        report_ok = runtime.check_invariants({p["entry_id"] for p in payloads})
         assert report_ok.problems == []
     finally:
         runtime.close()
@@ -354,9 +349,7 @@ def test_replay_that_loses_its_lease_midway_stops_cleanly_and_a_later_replay_cre
         probe.delete(lock)
         assert runtime.pipeline.replay_partition(0, batch=500).applied == report.remaining
         assert len(outcome_records(runtime)) == n
-        report_ok = check_invariants(
-            runtime.store, runtime.state, env=env_name, cap=10**12, expected_entry_ids={p["entry_id"] for p in payloads}
-        )
+        report_ok = runtime.check_invariants({p["entry_id"] for p in payloads})
         assert report_ok.problems == [] and report_ok.pending == 0
     finally:
         runtime.close()

@@ -20,7 +20,6 @@ from tests.support.redis_server import RedisServer
 from worker import keys
 from worker.errors import RetryLater, StaleTokenError
 from worker.fencing import FenceResult
-from worker.invariants import check_invariants
 from worker.models import parse_entry
 from worker.runtime import Runtime, build_runtime, get_runtime, reset_runtime
 from worker.samples import entry, sample_entries, wallet_address
@@ -44,9 +43,7 @@ def due_by_wallet(payloads: list[dict[str, Any]]) -> Counter[str]:
 
 
 def assert_invariants(rt: Runtime, accepted: set[str]) -> Any:
-    report = check_invariants(
-        rt.store, rt.state, env=rt.settings.env, cap=rt.settings.max_credit_balance, expected_entry_ids=accepted
-    )
+    report = rt.check_invariants(accepted)
     assert report.problems == []
     assert report.lost == [] and report.applied_twice == [] and report.pending == 0
     return report

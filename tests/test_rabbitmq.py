@@ -112,17 +112,10 @@ def test_happy_path_over_amqp(rabbit: Rabbit) -> None:
     again = _send(rabbit.app, [first[0]])[0].get(timeout=60)
     assert again["status"] == "duplicate" and again["credit_note_id"] == results[0]["credit_note_id"]
 
-    from worker.invariants import check_invariants
 
     runtime = rabbit.runtime()
     try:
-        report = check_invariants(
-            runtime.store,
-            runtime.state,
-            env="rmq",
-            cap=runtime.settings.max_credit_balance,
-            expected_entry_ids={"r-1", "r-2", "r-3"},
-        )
+        report = runtime.check_invariants({"r-1", "r-2", "r-3"})
         assert report.ok, report.problems
         assert report.balances == {W1: 1_100}
         assert report.rejected_records == 1
@@ -184,17 +177,10 @@ def test_sigkilled_worker_redelivers_and_every_entry_has_exactly_one_outcome(rab
         if quoted > actual:
             assert result.get("amount") == str(quoted - actual), result
 
-    from worker.invariants import check_invariants
 
     runtime = rabbit.runtime()
     try:
-        report = check_invariants(
-            runtime.store,
-            runtime.state,
-            env="rmq",
-            cap=runtime.settings.max_credit_balance,
-            expected_entry_ids={p["entry_id"] for p in payloads},
-        )
+        report = runtime.check_invariants({p["entry_id"] for p in payloads})
         assert report.ok, report.problems
         assert report.entries == len(payloads)
         assert sum(report.outcomes.values()) == len(payloads)

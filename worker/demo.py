@@ -134,7 +134,6 @@ def _run(workdir: Path) -> bool:
         else:
             results += _send_and_wait(app, second)
 
-        from worker.invariants import check_invariants
         from worker.runtime import build_runtime
 
         runtime = build_runtime(settings)
@@ -148,13 +147,7 @@ def _run(workdir: Path) -> bool:
             console.print(f"[bold]4.[/] re-sent two entries after replay: {[r['status'] for r in again]}")
             results += again
             accepted = {r["entry_id"] for r in results if r["status"] != "rejected"}
-            report = check_invariants(
-                runtime.store,
-                runtime.state,
-                env=settings.env,
-                cap=settings.max_credit_balance,
-                expected_entry_ids=accepted,
-            )
+            report = runtime.check_invariants(accepted)
         finally:
             runtime.close()
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from worker import metrics
 from worker.breaker import BreakerState, CircuitBreaker
 from worker.credit import CreditLedger
 from worker.fencing import Fencing
+from worker.invariants import InvariantReport, check_invariants
 from worker.pipeline import Pipeline
 from worker.settings import Settings, get_settings
 from worker.state_redis import StateRedis
@@ -30,6 +31,17 @@ class Runtime:
     fencing: Fencing
     ledger: CreditLedger
     pipeline: Pipeline
+
+    def check_invariants(self, expected_entry_ids: Iterable[str] = ()) -> InvariantReport:
+        """:func:`worker.invariants.check_invariants` over this runtime's WAL and state Redis,
+        with its own environment and credit cap."""
+        return check_invariants(
+            self.store,
+            self.state,
+            env=self.settings.env,
+            cap=self.settings.max_credit_balance,
+            expected_entry_ids=expected_entry_ids,
+        )
 
     def close(self) -> None:
         self.store.close()
