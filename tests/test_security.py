@@ -23,7 +23,16 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from tests.support.procs import client_app, close_client, free_port, http_get, log_tail, wait_for_port, worker_env
+from tests.support.procs import (
+    client_app,
+    close_client,
+    free_port,
+    http_get,
+    log_tail,
+    set_cli_env,
+    wait_for_port,
+    worker_env,
+)
 from tests.support.redis_server import RedisServer
 from tests.support.tls_redis import TlsRedis, tls_unavailable
 from worker.devstack import CeleryProcess, worker_args
@@ -73,22 +82,7 @@ def broker_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def cli_env(tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """BILLING_* for the CLI and in-process runtimes: the ACL user on the state Redis."""
-    from worker.settings import get_settings
-
-    values = {
-        "BILLING_ENV": "sec",
-        "BILLING_REDIS_URL": state_url,
-        "BILLING_BROKER_URL": "redis://127.0.0.1:1/0",
-        "BILLING_RESULT_BACKEND": "redis://127.0.0.1:1/1",
-        "BILLING_WAL_DIR": str(tmp_path / "wal"),
-        "BILLING_PARTITIONS": "2",
-        "BILLING_REDIS_TIMEOUT_MS": "300",
-        "BILLING_BREAKER_RESET_MS": "200",
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    return values
+    return set_cli_env(monkeypatch, env_name="sec", state_url=state_url, wal_dir=tmp_path / "wal", partitions=2)
 
 
 def _runtime() -> Any:

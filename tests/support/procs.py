@@ -111,6 +111,29 @@ def http_get(url: str, *, headers: dict[str, str] | None = None, timeout_s: floa
         return error.code, error.read().decode("utf-8", "replace")
 
 
+def set_cli_env(
+    monkeypatch: pytest.MonkeyPatch, *, env_name: str, state_url: str, wal_dir: Path, partitions: int
+) -> dict[str, str]:
+    """BILLING_* for the CLI and in-process runtimes of one test (no broker: unreachable URLs),
+    set with ``monkeypatch`` and the settings cache cleared; returns what was set."""
+    from worker.settings import get_settings
+
+    values = {
+        "BILLING_ENV": env_name,
+        "BILLING_REDIS_URL": state_url,
+        "BILLING_BROKER_URL": "redis://127.0.0.1:1/0",  # the CLI needs no broker except for enqueue
+        "BILLING_RESULT_BACKEND": "redis://127.0.0.1:1/1",
+        "BILLING_WAL_DIR": str(wal_dir),
+        "BILLING_PARTITIONS": str(partitions),
+        "BILLING_REDIS_TIMEOUT_MS": "300",
+        "BILLING_BREAKER_RESET_MS": "200",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    return values
+
+
 def worker_env(
     *,
     tmp_path: Path,
